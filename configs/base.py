@@ -1,0 +1,83 @@
+"""Shared builder for the experiment configs in this folder.
+
+Each ``configs/<name>.py`` calls ``build(preset)`` and then changes what differs. Every field is
+overridable on the command line (``--config.train.steps=100``); the config is locked, so a
+misspelled field is an error, not a silent no-op.
+"""
+
+import dataclasses
+
+import ml_collections
+from ml_collections import config_dict
+
+from model import presets
+from train.data import default_data_config
+from train.optimizer import default_optimizer_config
+
+# Optional model fields: placeholders keep their type so they can be set from the command line.
+_OPTIONAL = {"q_lora_rank": int, "capacity_factor": float}
+
+
+def model_config_dict(preset: str) -> ml_collections.ConfigDict:
+    """The preset's ``ModelConfig`` as a ConfigDict (field docs: ``model/config.py``)."""
+    cfg = presets.get(preset)
+    d = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if f.name == "yarn":
+            v = None if v is None else ml_collections.ConfigDict(dataclasses.asdict(v))
+        elif f.name in _OPTIONAL:
+            v = config_dict.placeholder(_OPTIONAL[f.name]) if v is None else config_dict.FieldReference(v, field_type=_OPTIONAL[f.name])
+        d[f.name] = v
+    return ml_collections.ConfigDict(d)
+
+
+def build(preset: str) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    # Model hyperparameters: the fields of model.config.ModelConfig, starting from a named preset.
+    c.model = model_config_dict(preset)
+    # Data pipeline (train/data.py): corpus, tokenizer, sequence length, split, shuffling.
+    c.data = default_data_config()
+    # AdamW + schedule (train/optimizer.py).
+    c.optimizer = default_optimizer_config()
+
+    t = c.train = ml_collections.ConfigDict()
+    # Optimizer steps to run.
+    t.steps = 1000
+    # Sequences per optimizer step, over all devices and processes.
+    t.global_batch_size = 16
+    # Gradient accumulation: the global batch is split into this many sequential microbatches.
+    t.microbatches = 1
+    # Seed of parameter initialisation (the data order has its own seed in data.seed).
+    t.seed = 0
+    # MTP loss weight lambda (DeepSeek-V3 report Sec. 4.2 uses 0.3, then 0.1).
+    t.mtp_loss_weight = 0.3
+    # Sequence-wise balance loss weight alpha (report Sec. 4.2: 0.0001); 0 disables it.
+    t.balance_loss_alpha = 1e-4
+    # Aux-loss-free bias update speed gamma (report Sec. 4.2: 0.001); 0 disables the update.
+    t.bias_update_rate = 1e-3
+    # Write metrics every this many steps (1 = every step).
+    t.log_every = 1
+    # Evaluate on the held-out split every this many steps (and always at the end).
+    t.eval_every = 250
+    # Held-out batches (of global_batch_size sequences) per evaluation.
+    t.eval_batches = 8
+    # Save a checkpoint every this many steps (and always at the end and on SIGTERM).
+    t.checkpoint_every = 250
+    # Checkpoints kept (older ones are deleted).
+    t.keep_checkpoints = 3
+    # Write checkpoints in a background thread.
+    t.async_checkpoint = True
+    # If the latest checkpoint is corrupt, restore the previous one instead of stopping.
+    t.restore_fallback = False
+    # Initialise the parameters from this checkpoint (e.g. from tools.convert_hf) when the workdir is new.
+    t.init_checkpoint = config_dict.placeholder(str)
+    # Stop after this many consecutive steps with a non-finite loss or gradient (each is skipped).
+    t.max_nonfinite_steps = 5
+    # Peak FLOP/s of one device for the MFU estimate; unset = measure a matmul once at start.
+    t.peak_flops = config_dict.placeholder(float)
+    # Write TensorBoard event files besides metrics.jsonl.
+    t.tensorboard = True
+    # Show a progress bar on the console.
+    t.progress = True
+    return c

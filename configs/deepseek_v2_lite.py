@@ -1,0 +1,18 @@
+"""DeepSeek-V2-Lite (15.7B total, 2.4B activated): architecture for fine-tuning converted weights.
+
+  python -m tools.count_params --config=configs/deepseek_v2_lite.py
+
+Training it needs accelerators (bf16 parameters alone are ~31 GB); the data default is the byte
+corpus, so set data.tokenizer to the model's tokenizer.json when fine-tuning.
+"""
+
+from configs.base import build
+
+
+def get_config():
+    c = build("deepseek_v2_lite")
+    c.train.global_batch_size = 256
+    c.data.seq_len = 4096
+    c.optimizer.lr = 4.2e-4
+    c.optimizer.warmup_steps = 2000
+    return c

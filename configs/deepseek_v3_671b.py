@@ -1,0 +1,20 @@
+"""DeepSeek-V3 / R1 (671B total, 37B activated, one MTP module). DeepSeek-V3 report Sec. 4.2:
+AdamW (0.9, 0.95, wd 0.1), peak lr 2.2e-4, 2K warmup, batch ramping to 15360 sequences of 4K.
+
+  python -m tools.count_params --config=configs/deepseek_v3_671b.py
+
+Needs a pod; this file records the recipe and the shapes.
+"""
+
+from configs.base import build
+
+
+def get_config():
+    c = build("deepseek_v3_671b")
+    c.train.global_batch_size = 15360
+    c.train.mtp_loss_weight = 0.3
+    c.data.seq_len = 4096
+    c.optimizer.lr = 2.2e-4
+    c.optimizer.warmup_steps = 2000
+    c.optimizer.min_lr_ratio = 0.1
+    return c

@@ -1,0 +1,19 @@
+"""latentmoe model: DeepSeek-V3-style decoder in Flax NNX.
+
+Letter glossary used in every einsum and shape comment of this package:
+
+  b batch            t query position      s key position      d model width (hidden)
+  h attention heads  c KV latent (kv_lora_rank)                q query latent (q_lora_rank)
+  n content (no-rope) head dim           r rope head dim       v value head dim
+  e routed experts   k top-k slot          g expert group      f FFN hidden width
+  m rows of a sorted (token, slot) list    V vocabulary        l layers
+
+Files (one concept each): config.py (ModelConfig), norms.py, rope.py (RoPE + YaRN), mla.py
+(Multi-head Latent Attention), ffn.py (SwiGLU), router.py (DeepSeekMoE gate), grouped_matmul.py
+(activated-FLOPs expert matmul), moe.py (routed + shared experts), balance.py (aux-free bias update,
+sequence-wise loss), block.py (one transformer block), mtp.py (multi-token prediction),
+transformer.py (the whole model), loss.py, presets.py (named sizes), moe_reference.py (dense
+reference used by the tests).
+"""
+
+from model.config import ModelConfig, YarnConfig  # noqa: F401

@@ -1,0 +1,102 @@
+"""Training FLOPs per token and the peak FLOP/s that MFU divides by.
+
+MFU = model_flops_per_token * tokens_per_sec / (peak_flops_per_device * n_devices).
+
+FLOPs per trained token (forward + backward; Kaplan et al. 2020 "6N", PaLM App. B for attention):
+
+    6 * N_active  +  6 * L_attn * T * h * (d_qk + d_v) / 2     (the "/2" only for causal masks)
+
+N_active counts the weights one token multiplies with (norms and the embedding lookup are
+free; the output head is not). With d = d_model, h = n_heads, V = vocab, E = n_routed_experts,
+K = n_experts_per_tok, S = n_shared_experts, f = dense_ffn_dim, f_e = moe_ffn_dim,
+q = q_lora_rank, c = kv_lora_rank, d_qk = nope + rope, per block:
+
+    MLA (DeepSeek-V2 Sec. 2.1):   q:   d*q + q*h*d_qk           (d*h*d_qk when q is None)
+                                  kv:  d*(c + rope) + c*h*(nope + v_head_dim)
+                                  out: h*v_head_dim*d
+    dense SwiGLU:                 3*d*f                       (first_k_dense blocks)
+    DeepSeekMoE (V3 Sec. 2.1.2):  d*E + (S + K) * 3*d*f_e     (router + activated experts)
+    output head:                  d*V
+    MTP module (V3 Sec. 2.2):     2d*d + MLA + MoE + d*V      per depth (the head is shared but
+                                  runs once more per depth); counted when include_mtp.
+
+The attention term is the score (QK^T) and mix (AV) matmuls, T = training sequence length,
+L_attn = n_layers (+ mtp_depth with include_mtp). Score matmuls are counted at full width, i.e.
+the MLA "absorbed" inference path is not assumed.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+
+def activated_params(cfg, *, include_mtp: bool = True) -> dict:
+    """Weights multiplied per token, by component (see the module docstring)."""
+    d, h = cfg.d_model, cfg.n_heads
+    if cfg.q_lora_rank is None:
+        q = d * h * cfg.qk_head_dim
+    else:
+        q = d * cfg.q_lora_rank + cfg.q_lora_rank * h * cfg.qk_head_dim
+    kv = d * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.kv_lora_rank * h * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+    attn = q + kv + h * cfg.v_head_dim * d
+    dense = 3 * d * cfg.dense_ffn_dim
+    moe = d * cfg.n_routed_experts + (cfg.n_shared_experts + cfg.n_experts_per_tok) * 3 * d * cfg.moe_ffn_dim
+    head = d * cfg.vocab_size
+    out = {
+        "attention": cfg.n_layers * attn,
+        "dense_ffn": cfg.first_k_dense * dense,
+        "moe_ffn": cfg.n_moe_layers * moe,
+        "head": head,
+        "mtp": 0,
+    }
+    if include_mtp:
+        out["mtp"] = cfg.mtp_depth * (2 * d * d + attn + moe + head)
+    out["total"] = sum(out.values())
+    return out
+
+
+def model_flops_per_token(cfg, seq_len: int, *, include_mtp: bool = True, causal: bool = True) -> float:
+    """Training FLOPs (forward + backward) per token at sequence length ``seq_len``."""
+    n_active = activated_params(cfg, include_mtp=include_mtp)["total"]
+    n_attn_layers = cfg.n_layers + (cfg.mtp_depth if include_mtp else 0)
+    attn = 6 * n_attn_layers * seq_len * cfg.n_heads * (cfg.qk_head_dim + cfg.v_head_dim)
+    return float(6 * n_active + (attn / 2 if causal else attn))
+
+
+def peak_flops(config_value: Optional[float], *, n: int = 2048, reps: int = 5) -> tuple[float, str]:
+    """Peak FLOP/s of one device: ``config_value`` if given, else a measured matmul throughput.
+
+    The measurement (bf16 on accelerators, f32 on CPU; best of ``reps``) is a lower bound on the
+    true peak, so MFU computed from it is an upper bound; give the datasheet number for reports.
+    """
+    if config_value:
+        return float(config_value), "config"
+    return _measure(n, reps, jax.default_backend())
+
+
+@functools.lru_cache(maxsize=None)
+def _measure(n: int, reps: int, backend: str) -> tuple[float, str]:
+    dtype = jnp.float32 if backend == "cpu" else jnp.bfloat16
+    inner = 1 if backend == "cpu" else 16  # amortise dispatch on fast devices
+
+    @jax.jit
+    def chain(x, w):
+        return jax.lax.fori_loop(0, inner, lambda _, y: y @ w, x)
+
+    kx, kw = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(kx, (n, n), dtype)
+    w = (jax.random.normal(kw, (n, n), jnp.float32) / n ** 0.5).astype(dtype)  # keeps |y| ~ |x|
+    chain(x, w).block_until_ready()  # compile
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        chain(x, w).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    flops = 2 * n ** 3 * inner / best
+    device = jax.devices()[0].device_kind
+    return flops, f"measured {jnp.dtype(dtype).name} {n}x{n} matmul on {device}"

@@ -1,0 +1,105 @@
+"""The jitted train and eval steps: pure functions of (state, batch).
+
+One optimizer step: split the global batch into ``microbatches``, average their gradients with a
+``lax.scan`` (gradient accumulation), clip + AdamW, then the aux-loss-free router-bias update
+from the expert loads summed over the whole global batch (DeepSeek-V3 report Sec. 2.1.2). A step
+whose loss or gradient is not finite changes nothing except the ``skipped`` counter.
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from model.balance import expert_loads, max_violation, update_router_biases
+from model.loss import lm_losses, token_cross_entropy
+from model.router import ExpertLoad
+from train.state import merge
+
+
+def _split_micro(batch: dict, n: int) -> dict:
+    return jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), batch)
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, train_cfg):
+    mtp_w, alpha, gamma = train_cfg.mtp_loss_weight, train_cfg.balance_loss_alpha, train_cfg.bias_update_rate
+    n_micro = train_cfg.microbatches
+
+    def loss_fn(params, rest, mb):
+        model = merge(graphdef, params, rest)
+        out = model(mb["inputs"], mb["positions"], mb["segment_ids"])
+        losses = lm_losses(out, mb, mtp_w)
+        balance = alpha * out.aux["balance_loss"]
+        loss = losses["main_loss"] + losses["mtp_loss"] + balance
+        metrics = {"loss": loss, "main_loss": losses["main_loss"], "mtp_loss": losses["mtp_loss"],
+                   "balance_loss": balance, "dropped_tokens": out.aux["dropped"].astype(jnp.float32)}
+        return loss, (metrics, nnx.state(model, ExpertLoad))
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def train_step(state, batch):
+        params, rest = state["params"], state["rest"]
+        micro = _split_micro(batch, n_micro)
+
+        def accumulate(carry, mb):
+            g_acc, m_acc, load_acc = carry
+            (_, (m, load)), g = grad_fn(params, rest, mb)
+            add = lambda a, b: a + b
+            return (jax.tree.map(add, g_acc, g), jax.tree.map(add, m_acc, m), jax.tree.map(add, load_acc, load)), None
+
+        zeros_g = jax.tree.map(jnp.zeros_like, params)
+        zeros_m = {k: jnp.zeros((), jnp.float32) for k in ("loss", "main_loss", "mtp_loss", "balance_loss", "dropped_tokens")}
+        zeros_l = jax.tree.map(jnp.zeros_like, nnx.state(merge(graphdef, params, rest), ExpertLoad))
+        (grads, metrics, loads), _ = jax.lax.scan(accumulate, (zeros_g, zeros_m, zeros_l), micro)
+        grads = jax.tree.map(lambda g: g / n_micro, grads)
+        metrics = {k: (v if k == "dropped_tokens" else v / n_micro) for k, v in metrics.items()}
+
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        updates, new_opt = tx.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+
+        # Aux-loss-free bias update from the global batch's per-expert loads.
+        model = merge(graphdef, new_params, rest)
+        nnx.update(model, loads)
+        if gamma:
+            update_router_biases(model, gamma)
+        new_rest = nnx.state(model, nnx.Not(nnx.Param))
+        loads_arr = expert_loads(model)  # [l, e]
+
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        new_state = {
+            "step": state["step"] + 1,
+            "params": keep(new_params, params),
+            "opt_state": keep(new_opt, state["opt_state"]),
+            "rest": keep(new_rest, rest),
+            "rng": state["rng"],
+            "skipped": state["skipped"] + (~finite).astype(jnp.int32),
+        }
+        metrics.update(grad_norm=grad_norm, finite=finite,
+                       maxvio=max_violation(loads_arr),
+                       expert_load=loads_arr / jnp.maximum(loads_arr.sum(-1, keepdims=True), 1.0))
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(graphdef):
+    def eval_step(params, rest, batch):
+        model = merge(graphdef, params, rest)
+        out = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+        mask = batch["loss_mask"].astype(jnp.float32)
+        nll = token_cross_entropy(out.logits, batch["targets"])
+        return {"nll_sum": jnp.sum(nll * mask), "tokens": jnp.sum(mask),
+                "bytes": jnp.sum(batch["target_bytes"].astype(jnp.float32) * mask)}
+
+    return eval_step
+
+
+def eval_metrics(sums: dict) -> dict:
+    loss = sums["nll_sum"] / max(sums["tokens"], 1.0)
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)),
+            "eval_bits_per_byte": sums["nll_sum"] / math.log(2) / max(sums["bytes"], 1.0)}
