@@ -41,6 +41,20 @@ def build(preset: str) -> ml_collections.ConfigDict:
     # AdamW + schedule (train/optimizer.py).
     c.optimizer = default_optimizer_config()
 
+    # Device mesh (train/sharding.py). The product of the four sizes must be the device count of
+    # all processes together, or 1: the default 1 x 1 x 1 x 1 is the single-device run on the first
+    # device even where more are visible (8 fake CPU devices in the tests run exactly as 1).
+    # One axis may be -1 = all remaining devices, e.g. --config.mesh.data=-1 for data parallelism.
+    m = c.mesh = ml_collections.ConfigDict()
+    # Plain data parallelism: splits the batch; params and moments replicated.
+    m.data = 1
+    # Fully sharded data parallelism: splits the batch and shards params and Adam moments.
+    m.fsdp = 1
+    # Expert parallelism: must divide model.n_routed_experts; tokens move by all-to-all; also splits the batch.
+    m.expert = 1
+    # Tensor parallelism: splits attention heads, FFN widths, vocabulary; must divide n_heads and FFN widths.
+    m.tensor = 1
+
     t = c.train = ml_collections.ConfigDict()
     # Optimizer steps to run.
     t.steps = 1000

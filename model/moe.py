@@ -8,6 +8,9 @@ expert's rows multiply that expert's weights in one grouped matmul (``model/grou
 cost ~ m*k*d*f instead of E*m*d*f), and the results are put back in (token, slot) order and mixed
 with the gates. Padding tokens (segment 0) are not dispatched at all.
 
+On a mesh of more than one device (``jax.set_mesh``), the routed experts run in
+``model/moe_ep.py`` instead: expert parallelism with ``shard_map`` and all-to-all.
+
 Dropless by default. With ``capacity_factor = C``, each expert takes at most ceil(C * m * k / E)
 assignments, first come first served in token order; the overflow is dropped (those slots
 contribute zero, the token keeps its shared experts and residual) and counted in ``dropped``.
@@ -22,17 +25,24 @@ from flax import nnx
 from model.balance import sequence_balance_loss
 from model.config import ModelConfig
 from model.ffn import SwiGLU
+from model import moe_ep
 from model.grouped_matmul import gmm
 from model.params import linear_param
 from model.router import Router
 
 
 def _grouped(cfg: ModelConfig):
-    if cfg.kernels_impl == "pallas" or (cfg.kernels_impl == "auto" and jax.default_backend() in ("tpu", "gpu")):
-        try:
-            from kernels_pallas.gmm import ops as gmm_ops
-        except ImportError as e:  # pragma: no cover - only when the kernels package is broken
-            raise ImportError(f"kernels_impl={cfg.kernels_impl!r} needs kernels_pallas.gmm: {e}") from e
+    """The grouped-matmul backend named by ``cfg.kernels_impl``.
+
+    "xla": ``model/grouped_matmul.py`` (tiled scan on CPU, ``ragged_dot`` on GPU/TPU); "pallas": the
+    Pallas kernel ``kernels_pallas/gmm`` (compiled on TPU, interpreted elsewhere: for tests);
+    "auto": Pallas on TPU, XLA elsewhere (the Pallas gmm has no GPU lowering yet).
+    """
+    impl = cfg.kernels_impl
+    if impl == "auto":
+        impl = "pallas" if jax.default_backend() == "tpu" else "xla"
+    if impl == "pallas":
+        from kernels_pallas.gmm import ops as gmm_ops
         return lambda lhs, rhs, sizes: gmm_ops.gmm(lhs, rhs, sizes, impl="pallas")
     return lambda lhs, rhs, sizes: gmm(lhs, rhs, sizes, tile=cfg.moe_block_rows)
 
@@ -67,6 +77,15 @@ def expert_capacity(cfg: ModelConfig, m: int) -> int | None:
     return int(math.ceil(cfg.capacity_factor * m * cfg.n_experts_per_tok / cfg.n_routed_experts))
 
 
+def expert_swiglu(cfg: ModelConfig, x_sorted, group_sizes, w_gate, w_up, w_down) -> jax.Array:
+    """SwiGLU of rows sorted by expert with weights [e, d, f], [e, d, f], [e, f, d]: [r, d] -> [r, d]."""
+    dt = jnp.dtype(cfg.dtype)
+    mm = _grouped(cfg)
+    g = mm(x_sorted, w_gate.astype(dt), group_sizes)  # [r, f]
+    u = mm(x_sorted, w_up.astype(dt), group_sizes)  # [r, f]
+    return mm(jax.nn.silu(g) * u, w_down.astype(dt), group_sizes)  # [r, d]
+
+
 class MoE(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -80,11 +99,7 @@ class MoE(nnx.Module):
 
     def routed_experts(self, x_sorted: jax.Array, group_sizes: jax.Array) -> jax.Array:
         """SwiGLU per expert on rows sorted by expert: [m*k, d] -> [m*k, d]."""
-        dt = jnp.dtype(self.cfg.dtype)
-        mm = _grouped(self.cfg)
-        g = mm(x_sorted, self.w_gate[...].astype(dt), group_sizes)  # [mk, f]
-        u = mm(x_sorted, self.w_up[...].astype(dt), group_sizes)  # [mk, f]
-        return mm(jax.nn.silu(g) * u, self.w_down[...].astype(dt), group_sizes)  # [mk, d]
+        return expert_swiglu(self.cfg, x_sorted, group_sizes, self.w_gate[...], self.w_up[...], self.w_down[...])
 
     def __call__(self, x: jax.Array, segment_ids: jax.Array):
         """x [b, t, d], segment_ids [b, t] -> (y [b, t, d], aux {balance_loss, dropped})."""
@@ -94,11 +109,16 @@ class MoE(nnx.Module):
         xt = x.reshape(m, d).astype(dt)
         valid = segment_ids.reshape(m) != 0  # [m]
         r = self.router(xt, valid)  # ids, gates [m, k]; scores [m, e]
-        order, group_sizes, dropped = dispatch_order(r.ids, valid, cfg.n_routed_experts, expert_capacity(cfg, m))
-        x_sorted = xt[order // k]  # [mk, d]
-        y_sorted = self.routed_experts(x_sorted, group_sizes)  # [mk, d]
-        y = jnp.zeros_like(y_sorted).at[order].set(y_sorted, unique_indices=True).reshape(m, k, d)
-        out = jnp.einsum("mkd,mk->md", y.astype(jnp.float32), r.gates)  # [m, d] f32
+        mesh = moe_ep.context_mesh()
+        if mesh is not None:  # several devices: expert-parallel dispatch
+            out, dropped = moe_ep.routed_experts(cfg, mesh, xt, r.ids, r.gates, valid,
+                                                 self.w_gate[...], self.w_up[...], self.w_down[...])
+        else:
+            order, group_sizes, dropped = dispatch_order(r.ids, valid, cfg.n_routed_experts, expert_capacity(cfg, m))
+            x_sorted = xt[order // k]  # [mk, d]
+            y_sorted = self.routed_experts(x_sorted, group_sizes)  # [mk, d]
+            y = jnp.zeros_like(y_sorted).at[order].set(y_sorted, unique_indices=True).reshape(m, k, d)
+            out = jnp.einsum("mkd,mk->md", y.astype(jnp.float32), r.gates)  # [m, d] f32
         if self.shared is not None:
             out = out + self.shared(xt).astype(jnp.float32)
         aux = {

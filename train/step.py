@@ -21,7 +21,9 @@ from train.state import merge
 
 
 def _split_micro(batch: dict, n: int) -> dict:
-    return jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), batch)
+    """[b, ...] -> [n, b/n, ...], microbatch i = rows i, i+n, ...: strided, so that with the batch
+    split over devices every microbatch takes rows from each device's own block (no resharding)."""
+    return jax.tree.map(lambda x: x.reshape((x.shape[0] // n, n) + x.shape[1:]).swapaxes(0, 1), batch)
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, train_cfg):

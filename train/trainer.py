@@ -1,9 +1,14 @@
-"""The training loop, top to bottom: config -> model -> state -> data -> loop.
+"""The training loop, top to bottom: mesh -> model -> state -> data -> loop.
 
 ``train_and_evaluate(config, workdir)`` is all ``train/main.py`` calls. It resumes from the newest
 checkpoint in ``workdir`` if there is one (refusing one written for a different model), trains
 ``config.train.steps`` optimizer steps, evaluates and checkpoints periodically and at the end,
 and writes ``summary.json``. SIGTERM (preemption) saves a checkpoint and returns cleanly.
+
+Parallelism (``train/sharding.py``): the mesh ``config.mesh`` spans every device of every process;
+params and Adam moments are created, restored and updated with the shardings of the logical-axis
+table, each process feeds its own rows and the global batch is assembled from them. With the
+default 1-device mesh this is the plain single-device run.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from flax import nnx
 
 from model.config import ModelConfig
 from train import data as data_lib
+from train import sharding
 from train.checkpoint import Checkpointer
 from train.flops import model_flops_per_token, peak_flops
 from train.metrics import MetricWriter, write_run_info, write_summary
@@ -41,6 +47,8 @@ def model_config(config) -> ModelConfig:
 
 def _check_batch_config(config) -> None:
     t = config.train
+    if t.microbatches < 1:
+        raise ValueError(f"train.microbatches must be >= 1, got {t.microbatches}")
     if t.global_batch_size % (t.microbatches * jax.process_count()) != 0:
         raise ValueError(f"train.global_batch_size={t.global_batch_size} must be divisible by "
                          f"train.microbatches={t.microbatches} x processes={jax.process_count()}")
@@ -69,8 +77,13 @@ def train_and_evaluate(config, workdir: str, *, on_step: Optional[Callable[[int]
     tc = config.train
     _check_batch_config(config)
 
+    # ---- mesh: every device of every process; refuse a misfit before compiling anything ----
+    mesh = sharding.make_mesh(config.mesh)
+    mesh_sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+
     # ---- model and tokenizer ----
     cfg = model_config(config)
+    sharding.check_fits(mesh_sizes, cfg, global_batch_size=tc.global_batch_size, microbatches=tc.microbatches)
     tokenizer = data_lib.load_tokenizer(config.data)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but model.vocab_size is {cfg.vocab_size}: "
@@ -85,7 +98,9 @@ def train_and_evaluate(config, workdir: str, *, on_step: Optional[Callable[[int]
     tx = make_optimizer(config.optimizer, tc.steps)
     schedule = make_schedule(config.optimizer, tc.steps)
     graphdef, abstract = abstract_state(cfg, tx, tc.seed)
-    restored = ckpt.restore(abstract, expected_model=model_dict, allow_fallback=tc.restore_fallback)
+    state_sh = sharding.tree_shardings(abstract, mesh)  # restores onto this mesh, whatever wrote it
+    restored = ckpt.restore(sharding.with_shardings(abstract, state_sh), expected_model=model_dict,
+                            allow_fallback=tc.restore_fallback)
 
     writer = MetricWriter(workdir, total_steps=tc.steps, enable_tensorboard=tc.tensorboard, console=tc.progress)
     write_run_info(workdir, config.to_dict())
@@ -96,12 +111,13 @@ def train_and_evaluate(config, workdir: str, *, on_step: Optional[Callable[[int]
         writer.log(f"Resumed from {ckpt.directory}/{start_step}")
     else:
         start_step, data_state = 0, None
-        _, state = init_state(cfg, tx, tc.seed)
+        state = sharding.create(lambda: init_state(cfg, tx, tc.seed)[1], state_sh, mesh)
         if tc.init_checkpoint:
             state = _load_init_checkpoint(tc.init_checkpoint, state, model_dict)
             writer.log(f"Initialised parameters from {tc.init_checkpoint}")
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
-    writer.log(f"Model: {n_params / 1e6:.2f}M parameters; devices: {jax.devices()}")
+    writer.log(f"Model: {n_params / 1e6:.2f}M parameters; mesh {mesh_sizes} over {jax.device_count()} "
+               f"{jax.devices()[0].platform} device(s) in {jax.process_count()} process(es)")
 
     # ---- data ----
     pi, pc = jax.process_index(), jax.process_count()
@@ -111,10 +127,14 @@ def train_and_evaluate(config, workdir: str, *, on_step: Optional[Callable[[int]
         train_iter.set_state(data_state)
     eval_batches = data_lib.make_eval_batches(config.data, batch_size=tc.global_batch_size,
                                               num_batches=tc.eval_batches, process_index=pi, process_count=pc)
+    eval_batches = [sharding.global_batch(b, mesh) for b in eval_batches]
 
-    # ---- compiled steps ----
-    train_step = jax.jit(make_train_step(graphdef, tx, tc), donate_argnums=(0,))
-    eval_step = jax.jit(make_eval_step(graphdef))
+    # ---- compiled steps: state keeps its shardings, batches are split over the batch axes ----
+    batch_sh, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+    train_step = sharding.MeshJit(make_train_step(graphdef, tx, tc), mesh, donate_argnums=(0,),
+                                  in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated))
+    eval_step = sharding.MeshJit(make_eval_step(graphdef), mesh, out_shardings=replicated,
+                                 in_shardings=(state_sh["params"], state_sh["rest"], batch_sh))
     flops_per_token = model_flops_per_token(cfg, config.data.seq_len)
     peak, peak_src = peak_flops(tc.peak_flops)
     peak_total = peak * jax.device_count()
@@ -148,6 +168,7 @@ def train_and_evaluate(config, workdir: str, *, on_step: Optional[Callable[[int]
             batch = next(train_iter)
             if step == start_step:
                 data_lib.check_token_ids(batch, cfg.vocab_size)
+            batch = sharding.global_batch(batch, mesh)
             t0 = time.perf_counter()
             state, metrics = train_step(state, batch)
             metrics = jax.device_get(metrics)
@@ -156,7 +177,13 @@ def train_and_evaluate(config, workdir: str, *, on_step: Optional[Callable[[int]
             if step > start_step + 1:  # the first step compiles
                 timed_tokens += tokens_per_step
                 timed_secs += dt
-            if not bool(metrics.pop("finite")):
+            finite = bool(metrics.pop("finite"))
+            if step % tc.log_every == 0 or step == tc.steps:
+                tps = tokens_per_step / dt
+                metrics.update(lr=float(schedule(step - 1)), tokens_per_sec=tps,
+                               mfu=tps * flops_per_token / peak_total, skipped_steps=int(state["skipped"]))
+                writer.write(step, metrics)
+            if not finite:
                 bad_in_a_row += 1
                 writer.log(f"step {step}: non-finite loss/gradient (loss={metrics['loss']}, "
                            f"grad_norm={metrics['grad_norm']}); update skipped ({bad_in_a_row} in a row)")
@@ -167,11 +194,6 @@ def train_and_evaluate(config, workdir: str, *, on_step: Optional[Callable[[int]
                         f"optimizer.lr or check the data.")
             else:
                 bad_in_a_row = 0
-            if step % tc.log_every == 0 or step == tc.steps:
-                tps = tokens_per_step / dt
-                metrics.update(lr=float(schedule(step - 1)), tokens_per_sec=tps,
-                               mfu=tps * flops_per_token / peak_total, skipped_steps=int(state["skipped"]))
-                writer.write(step, metrics)
             if on_step is not None:
                 on_step(step)
             if step % tc.eval_every == 0 or step == tc.steps:
@@ -183,14 +205,14 @@ def train_and_evaluate(config, workdir: str, *, on_step: Optional[Callable[[int]
                 save(step, force=True)
                 preempted = True
                 break
+        if last_eval is None:  # preempted, or resumed a finished run: evaluate what we have
+            last_eval = evaluate(step)
     finally:
         ckpt.wait()
         ckpt.close()
         writer.close()
         signal.signal(signal.SIGTERM, prev_handler)
 
-    if last_eval is None:
-        last_eval = evaluate(step)
     summary = {
         "steps": step,
         "preempted": preempted,

@@ -1,0 +1,211 @@
+"""Autoregressive generation with a KV cache: prefill, then one jitted step per token.
+
+Two caches, same model:
+
+* ``"absorbed"`` (MLA's point; DeepSeek-V2 report Sec. 2.1.1, DeepSeek's reference ``attn_impl =
+  "absorb"``): per token and layer only the normalised latent c_KV [c] and the rotated shared rope
+  key k_rope [r], i.e. (c + r) numbers (576 for DeepSeek-V3). W_UK is folded into the query and
+  W_UV applied after attention, so keys and values are never materialised:
+
+      q_lat = q_nope W_UK^T                 [b, t, h, c]   (W_UK = wkv_b[:, :, :n])
+      score = (q_lat . c_KV + q_rope . k_rope) * scale     [b, h, t, s]
+      o     = (softmax(score) c_KV) W_UV    [b, t, h, v]   (W_UV = wkv_b[:, :, n:])
+
+* ``"naive"``: the expanded per-head keys [h, n + r] and values [h, v] (h (n + r + v) numbers per
+  token and layer, 40960 for DeepSeek-V3), attention as in ``MLA.__call__``. For comparison only.
+
+Batching: prompts are right-padded to a common length; row i's token j sits in cache slot j at
+position j, so a query at position p attends to slots <= p (padding slots past a prompt's end are
+overwritten by that row's generated tokens before any query can see them). Only the main model's
+layers are cached: plain generation never runs the MTP modules, so cache bytes per token are
+(c + r) x n_layers x dtype bytes (``cache_bytes_per_token``).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from model.config import ModelConfig
+from model.mla import MLA
+from model.rope import rope_angles
+from model.transformer import Transformer
+
+KINDS = ("absorbed", "naive")
+
+
+# ---- the cache ----
+
+def cache_shapes(cfg: ModelConfig, kind: str) -> dict:
+    """Per-token, per-layer cache entries: name -> trailing shape."""
+    h, n, r, v, c = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+    if kind == "absorbed":
+        return {"c_kv": (c,), "k_rope": (r,)}
+    if kind == "naive":
+        return {"k": (h, n + r), "v": (h, v)}
+    raise ValueError(f"cache must be one of {KINDS}, got {kind!r}")
+
+
+def cache_bytes_per_token(cfg: ModelConfig, kind: str) -> int:
+    """Bytes one token occupies in the cache over all main-model layers (MTP layers not cached)."""
+    per_layer = sum(int(np.prod(s)) for s in cache_shapes(cfg, kind).values())
+    return per_layer * cfg.n_layers * jnp.dtype(cfg.dtype).itemsize
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, kind: str) -> tuple:
+    """One dict per main-model layer: name -> [b, length, ...] zeros in the compute dtype."""
+    shapes = cache_shapes(cfg, kind)
+    return tuple({k: jnp.zeros((batch, length) + s, cfg.dtype) for k, s in shapes.items()}
+                 for _ in range(cfg.n_layers))
+
+
+# ---- one layer ----
+
+def _write(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
+    """cache [b, S, ...] <- new [b, t, ...] at slots positions [b, t]."""
+    return cache.at[jnp.arange(cache.shape[0])[:, None], positions].set(new.astype(cache.dtype))
+
+
+def cached_attention(mla: MLA, x: jax.Array, positions: jax.Array, cache: dict):
+    """x [b, t, d] (normed), positions [b, t] -> (out [b, t, d], updated layer cache)."""
+    cfg, dt = mla.cfg, jnp.dtype(mla.cfg.dtype)
+    n = cfg.qk_nope_head_dim
+    cos, sin = rope_angles(positions, cfg.qk_rope_head_dim, cfg.rope_theta, cfg.yarn)
+    q_nope, q_rope = mla.queries(x, cos, sin)  # [b, t, h, n], [b, t, h, r]
+    c_kv, k_rope = mla.latents(x, cos, sin)  # [b, t, c], [b, t, r]
+    wkv_b = mla.wkv_b[...].astype(dt)  # [c, h, n+v]
+    slots = jnp.arange(next(iter(cache.values())).shape[1])
+    mask = (slots[None, None, :] <= positions[:, :, None])[:, None]  # [b, 1, t, S]
+    if "c_kv" in cache:
+        cache = {"c_kv": _write(cache["c_kv"], c_kv, positions), "k_rope": _write(cache["k_rope"], k_rope, positions)}
+        ckv, kr = cache["c_kv"], cache["k_rope"]  # [b, S, c], [b, S, r]
+        q_lat = jnp.einsum("bthn,chn->bthc", q_nope, wkv_b[..., :n])  # [b, t, h, c]
+        scores = (jnp.einsum("bthc,bsc->bhts", q_lat, ckv, preferred_element_type=jnp.float32)
+                  + jnp.einsum("bthr,bsr->bhts", q_rope, kr, preferred_element_type=jnp.float32))
+    else:
+        kv = jnp.einsum("btc,chk->bthk", c_kv, wkv_b)  # [b, t, h, n+v]
+        k_new = jnp.concatenate([kv[..., :n], jnp.broadcast_to(k_rope[:, :, None], q_rope.shape)], -1)
+        cache = {"k": _write(cache["k"], k_new, positions), "v": _write(cache["v"], kv[..., n:], positions)}
+        k = cache["k"]  # [b, S, h, n+r]
+        scores = (jnp.einsum("bthn,bshn->bhts", q_nope, k[..., :n], preferred_element_type=jnp.float32)
+                  + jnp.einsum("bthr,bshr->bhts", q_rope, k[..., n:], preferred_element_type=jnp.float32))
+    probs = jax.nn.softmax(jnp.where(mask, scores * cfg.softmax_scale, -1e30), axis=-1).astype(dt)
+    if "c_kv" in cache:
+        o_lat = jnp.einsum("bhts,bsc->bthc", probs, cache["c_kv"])  # [b, t, h, c]
+        o = jnp.einsum("bthc,chv->bthv", o_lat, wkv_b[..., n:])  # [b, t, h, v]
+    else:
+        o = jnp.einsum("bhts,bshv->bthv", probs, cache["v"])  # [b, t, h, v]
+    return jnp.einsum("bthv,hvd->btd", o, mla.wo[...].astype(dt)), cache
+
+
+def _blocks(model: Transformer) -> list:
+    """The main model's blocks in order; a scanned (stacked) MoE stack is sliced per layer."""
+    blocks = list(model.dense_blocks)
+    if isinstance(model.moe_blocks, nnx.List):
+        return blocks + list(model.moe_blocks)
+    graphdef, state = nnx.split(model.moe_blocks)
+    return blocks + [nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state)) for i in range(model.cfg.n_moe_layers)]
+
+
+def forward_cached(model: Transformer, tokens: jax.Array, positions: jax.Array, valid: jax.Array, cache: tuple):
+    """tokens, positions, valid [b, t] -> (logits [b, t, V] f32, cache). Writes slots ``positions``."""
+    x = model.embed_tokens(tokens)
+    new_cache = []
+    for blk, layer_cache in zip(_blocks(model), cache):
+        a, layer_cache = cached_attention(blk.attn, blk.attn_norm(x), positions, layer_cache)
+        x = x + a.astype(x.dtype)
+        h = blk.mlp_norm(x)
+        y = blk.mlp(h, valid.astype(jnp.int32))[0] if blk.is_moe else blk.mlp(h)
+        x = x + y.astype(x.dtype)
+        new_cache.append(layer_cache)
+    return model.logits_from(model.final_norm(x)), tuple(new_cache)
+
+
+# ---- sampling ----
+
+def sample(logits: jax.Array, key: jax.Array, temperature, top_k, top_p) -> jax.Array:
+    """logits [b, V] -> token ids [b]. temperature 0 = greedy; top_k 0 = off; top_p 1 = off.
+
+    The settings may be traced scalars (one compiled step serves every setting). Order as in
+    transformers: temperature, then top-k, then top-p over what top-k kept. Thresholds are on
+    values, so tokens tied with the last kept one are kept too.
+    """
+    v = logits.shape[-1]
+    scaled = logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)
+    desc = -jnp.sort(-scaled, axis=-1)  # [b, V]
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v).astype(jnp.int32)
+    in_k = jnp.arange(v) < k  # [V] ranks top-k keeps
+    probs = jax.nn.softmax(jnp.where(in_k, desc, -jnp.inf), axis=-1)  # [b, V] sorted
+    before = jnp.cumsum(probs, -1) - probs  # mass of strictly more likely tokens
+    n_keep = jnp.sum(in_k & (before < top_p), -1)  # >= 1: the smallest prefix with mass >= top_p
+    threshold = jnp.take_along_axis(desc, (n_keep - 1)[:, None], -1)  # [b, 1]
+    sampled = jax.random.categorical(key, jnp.where(scaled >= threshold, scaled, -jnp.inf), -1)
+    return jnp.where(temperature > 0, sampled, jnp.argmax(logits, -1)).astype(jnp.int32)
+
+
+# ---- jitted entry points (graphdef static: compiled once per model structure and shape) ----
+
+GREEDY = (0.0, 0, 1.0)  # (temperature, top_k, top_p)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+def prefill(graphdef, state, tokens, lengths, cache, key, sampling=GREEDY):
+    """Right-padded prompts tokens [b, T], lengths [b] -> (last-token logits [b, V], next ids [b], cache)."""
+    model = nnx.merge(graphdef, state)
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    valid = positions < lengths[:, None]
+    logits, cache = forward_cached(model, tokens, positions, valid, cache)
+    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [b, V]
+    return last, sample(last, key, *sampling), cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+def decode_step(graphdef, state, tokens, positions, cache, key, sampling=GREEDY):
+    """One token per row: tokens, positions [b] -> (logits [b, V], next ids [b], cache)."""
+    model = nnx.merge(graphdef, state)
+    logits, cache = forward_cached(model, tokens[:, None], positions[:, None],
+                                   jnp.ones_like(tokens[:, None], bool), cache)
+    return logits[:, 0], sample(logits[:, 0], key, *sampling), cache
+
+
+def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, stop_tokens: Sequence[int] = (),
+             seed: int = 0, cache: str = "absorbed", bucket: int = 16) -> list[list[int]]:
+    """New tokens for each prompt (a stop token, when produced, ends its row and is included)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one prompt, each with at least one token")
+    cfg = model.cfg
+    b, lengths = len(prompts), np.array([len(p) for p in prompts], np.int32)
+    if int(lengths.max()) + max_new_tokens > cfg.max_seq_len:
+        raise ValueError(f"longest prompt + max_new_tokens = {int(lengths.max()) + max_new_tokens} exceeds "
+                         f"model.max_seq_len={cfg.max_seq_len}")
+    # Prompt and cache lengths rounded up to a multiple of ``bucket``: fewer shapes, fewer compiles.
+    t = -(-int(lengths.max()) // bucket) * bucket
+    total = -(-(t + max_new_tokens) // bucket) * bucket
+    tokens = np.zeros((b, t), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = p
+    graphdef, state = nnx.split(model)
+    sampling = (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
+    key = jax.random.key(seed)
+    key, sub = jax.random.split(key)
+    _, nxt, kv = prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths),
+                         init_cache(cfg, b, total, cache), sub, sampling=sampling)
+    out, done, pos, stops = [[] for _ in range(b)], np.zeros(b, bool), lengths.copy(), set(stop_tokens)
+    for step in range(max_new_tokens):
+        ids = np.asarray(nxt)
+        for i in np.flatnonzero(~done):
+            out[i].append(int(ids[i]))
+            done[i] = ids[i] in stops
+        if done.all() or step == max_new_tokens - 1:
+            break
+        key, sub = jax.random.split(key)
+        _, nxt, kv = decode_step(graphdef, state, jnp.asarray(ids), jnp.asarray(pos), kv, sub, sampling=sampling)
+        pos += 1
+    return out

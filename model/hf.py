@@ -1,0 +1,516 @@
+"""Hugging Face checkpoints in and out: ``from_pretrained(dir) -> Transformer``, ``save_pretrained``.
+
+A Hugging Face DeepSeek directory holds ``config.json`` and one or many ``*.safetensors`` shards
+(``model.safetensors.index.json`` maps tensor -> shard). ``config_from_hf`` maps config.json to a
+``ModelConfig`` (a rename, see ``model/config.py``); anything we cannot represent exactly is an
+error naming the field. Weights are streamed shard by shard with safetensors' numpy API into an
+abstract model (``nnx.eval_shape``): each parameter's buffer is allocated when its first piece
+arrives and handed to JAX as soon as its last piece (e.g. the last expert) is in, so peak host
+memory is one copy of the model plus one tensor.
+
+Layout differences (torch Linear weights are [out, in]; ours are [in, ..., out]):
+
+  embed_tokens [V, d] = embed                 lm_head [V, d] = head^T
+  q_proj / q_b_proj [h(n+r), d|q] -> wq / wq_b [d|q, h, n+r]      q_a_proj [q, d] -> wq_a [d, q]
+  kv_a_proj_with_mqa [c+r, d] -> wkv_a [d, c+r]   kv_b_proj [h(n+v), c] -> wkv_b [c, h, n+v]
+  o_proj [d, hv] -> wo [h, v, d]
+  mlp.experts.{i}.{gate,up}_proj [f, d] -> w_gate/w_up[i] [d, f]; down_proj [d, f] -> w_down[i] [f, d]
+  mlp.shared_experts.* -> mlp.shared (one SwiGLU of width n_shared * f)
+  mlp.gate.weight [e, d] -> router.weight [d, e]; mlp.gate.e_score_correction_bias -> router.bias
+  model.layers.{N + k}.{enorm, hnorm, eh_proj, shared_head.norm, <block>} -> mtp[k] (transformers
+  drops these; we keep them). Their ``embed_tokens`` / ``shared_head.head`` copies are the main
+  model's (shared in ``MTPModule``); a differing copy is reported, not loaded.
+
+RoPE: with ``rope_interleave`` both transformers and DeepSeek's reference rotate the pairs
+(x[2i], x[2i+1]) (transformers then writes the result de-interleaved, we keep the layout: q and k
+are permuted alike, so every q.k is the same); without it the pairs are (x[i], x[i + r/2]).
+DeepSeek's FP8 release (``quantization_config.quant_method = "fp8"``) stores e4m3 weights with
+``weight_scale_inv`` per 128x128 block: w = w_fp8 * scale_inv, dequantised here to the param dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Iterable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from model.config import ModelConfig, YarnConfig
+from model.rope import yarn_mscale
+from model.transformer import Transformer
+
+ARCHITECTURES = ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM")
+_INDEX = "model.safetensors.index.json"
+# ModelConfig fields with no config.json counterpart: how we run, not what the model computes.
+EXEC_FIELDS = ("scan_layers", "remat", "kernels_impl", "moe_block_rows", "capacity_factor", "max_seq_len")
+# Every config.json field we know: mapped below, checked to have the one value we support, or
+# without effect on the forward pass (bookkeeping, training-only knobs, derived sizes, and
+# num_key_value_heads, which MLA does not have: every head reads the shared latent).
+_KNOWN = {
+    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "auto_map",
+    "_name_or_path", "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range", "use_cache",
+    "output_router_logits", "router_aux_loss_coef", "aux_loss_alpha", "seq_aux", "ep_size",
+    "pretraining_tp", "attention_dropout", "num_key_value_heads", "head_dim", "qk_head_dim",
+    "tie_word_embeddings", "attention_bias", "mlp_bias", "hidden_act", "moe_layer_freq",
+    "quantization_config", "rope_scaling", "rope_parameters", "rope_theta", "rope_interleave",
+    "scoring_func", "topk_method", "num_nextn_predict_layers", "rms_norm_eps", "n_group",
+    "topk_group", "norm_topk_prob", "routed_scaling_factor", "first_k_dense_replace", "vocab_size",
+    "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "n_shared_experts", "n_routed_experts", "num_experts_per_tok",
+    "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "v_head_dim", "qk_nope_head_dim",
+    "max_position_embeddings", "generation_config", "is_decoder", "return_dict", "chunk_size_feed_forward",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# config.json <-> ModelConfig
+
+
+def _need(cond: bool, field: str, value: Any, why: str):
+    if not cond:
+        raise ValueError(f"config.json field {field!r} = {value!r} is not supported: {why}")
+
+
+def _yarn_from_hf(rope: dict, max_pos: int) -> Optional[YarnConfig]:
+    """transformers' ``_compute_yarn_parameters`` semantics -> YarnConfig (exactly, or an error)."""
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind in ("default", None):
+        return None
+    _need(kind == "yarn", "rope_scaling.type", kind, "only 'default' and 'yarn' RoPE are implemented")
+    _need(rope.get("truncate", True), "rope_scaling.truncate", rope.get("truncate"),
+          "our YaRN ramp always floors/ceils the correction range (transformers' truncate=True)")
+    omax = rope["original_max_position_embeddings"]
+    factor = rope.get("factor") or max_pos / omax
+    mscale, msad = rope.get("mscale"), rope.get("mscale_all_dim")
+    af = rope.get("attention_factor")
+    if af is None and mscale and msad:  # transformers' inferred ratio is exactly ours
+        af, our_mscale = None, float(mscale)
+    elif af is None:  # transformers then uses mscale(factor, 1), ignoring a lone mscale
+        af = yarn_mscale(factor, 1.0)
+    # Our cos/sin amplitude is mscale(s, mscale) / mscale(s, mscale_all_dim); solve for mscale.
+    msad = float(msad or 0.0)
+    if af is None:
+        pass
+    elif factor > 1:
+        our_mscale = (af * yarn_mscale(factor, msad) - 1.0) / (0.1 * math.log(factor))
+    else:
+        _need(abs(af - 1.0) < 1e-12, "rope_scaling.attention_factor", af, "needs factor > 1")
+        our_mscale = 1.0
+    unknown = set(rope) - {"rope_type", "type", "factor", "original_max_position_embeddings", "beta_fast",
+                           "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate", "rope_theta"}
+    _need(not unknown, "rope_scaling", sorted(unknown), "unknown YaRN keys")
+    return YarnConfig(factor=float(factor), original_max_position_embeddings=int(omax),
+                      beta_fast=float(rope.get("beta_fast") or 32), beta_slow=float(rope.get("beta_slow") or 1),
+                      mscale=float(our_mscale), mscale_all_dim=msad)
+
+
+def config_from_hf(hf: dict, *, dtype: Optional[str] = None, mtp_depth: Optional[int] = None,
+                   **overrides) -> ModelConfig:
+    """config.json dict -> ModelConfig. ``overrides``: execution fields only (``EXEC_FIELDS``)."""
+    unknown = sorted(set(hf) - _KNOWN)
+    if unknown:
+        raise ValueError(f"config.json has unknown field(s) {unknown}: not mapped to ModelConfig "
+                         f"(model/hf.py). Refusing to guess what they change.")
+    arch = (hf.get("architectures") or [None])[0]
+    _need(arch in ARCHITECTURES, "architectures", hf.get("architectures"), f"supported: {list(ARCHITECTURES)}")
+    v3 = arch == "DeepseekV3ForCausalLM"
+    g = hf.get
+    _need(g("hidden_act", "silu") == "silu", "hidden_act", g("hidden_act"), "experts are SwiGLU (silu)")
+    _need(not g("attention_bias", False), "attention_bias", g("attention_bias"), "MLA has no biases")
+    _need(not g("mlp_bias", False), "mlp_bias", g("mlp_bias"), "FFNs have no biases")
+    _need(not g("tie_word_embeddings", False), "tie_word_embeddings", g("tie_word_embeddings"), "head is untied")
+    _need(g("moe_layer_freq", 1) == 1, "moe_layer_freq", g("moe_layer_freq"), "every block after the dense ones is MoE")
+    _need(g("rms_norm_eps", 1e-6) == 1e-6, "rms_norm_eps", g("rms_norm_eps"),
+          "transformers applies it to the block norms but 1e-6 to the MLA latent norms; "
+          "ModelConfig.rms_eps is one value")
+    _need(g("n_routed_experts") is not None, "n_routed_experts", None, "dense models are not supported")
+    q = g("quantization_config")
+    if q is not None:
+        _need(q.get("quant_method") == "fp8" and q.get("fmt", "e4m3") == "e4m3", "quantization_config", q,
+              "only DeepSeek's block-scaled FP8 (e4m3 + weight_scale_inv) is read")
+    if v3:  # transformers' V3 router: sigmoid + bias, top-2-sum group scores (DeepSeek's noaux_tc)
+        _need(g("scoring_func", "sigmoid") == "sigmoid", "scoring_func", g("scoring_func"), "V3 routes with sigmoid")
+        _need(g("topk_method", "noaux_tc") == "noaux_tc", "topk_method", g("topk_method"), "V3 uses noaux_tc")
+        score_fn, bias, n_group, topk_group = "sigmoid", True, g("n_group") or 1, g("topk_group") or 1
+        interleave = bool(g("rope_interleave", True))
+    else:  # transformers' V2 router: softmax, greedy top-k
+        _need(g("scoring_func", "softmax") == "softmax", "scoring_func", g("scoring_func"), "V2 routes with softmax")
+        _need(g("topk_method", "greedy") == "greedy", "topk_method", g("topk_method"),
+              "only 'greedy' (V2's group_limited_greedy scores groups by their max, ours by a top-2 sum)")
+        score_fn, bias, n_group, topk_group = "softmax", False, 1, 1
+        interleave = True  # V2's complex-number RoPE rotates adjacent pairs
+    rope = dict(g("rope_parameters") or g("rope_scaling") or {})
+    theta = rope.get("rope_theta", g("rope_theta", 10000.0))
+    fields = dict(
+        vocab_size=g("vocab_size"), d_model=g("hidden_size"), n_layers=g("num_hidden_layers"),
+        first_k_dense=g("first_k_dense_replace", 0), dense_ffn_dim=g("intermediate_size"),
+        rms_eps=1e-6, max_seq_len=g("max_position_embeddings"), n_heads=g("num_attention_heads"),
+        q_lora_rank=g("q_lora_rank"), kv_lora_rank=g("kv_lora_rank"), qk_nope_head_dim=g("qk_nope_head_dim"),
+        qk_rope_head_dim=g("qk_rope_head_dim"), v_head_dim=g("v_head_dim"), rope_theta=float(theta),
+        rope_interleave=interleave, yarn=_yarn_from_hf(rope, g("max_position_embeddings")),
+        n_routed_experts=g("n_routed_experts"), n_shared_experts=g("n_shared_experts") or 0,
+        n_experts_per_tok=g("num_experts_per_tok"), moe_ffn_dim=g("moe_intermediate_size"), score_fn=score_fn,
+        n_group=n_group, topk_group=topk_group, norm_topk_prob=bool(g("norm_topk_prob", False)),
+        routed_scaling_factor=float(g("routed_scaling_factor", 1.0)), use_aux_free_bias=bias,
+        mtp_depth=g("num_nextn_predict_layers", 0) if mtp_depth is None else mtp_depth,
+    )
+    if dtype is None:
+        src = g("torch_dtype") or g("dtype") or "float32"
+        dtype = "bfloat16" if q is not None else {"float8_e4m3fn": "bfloat16"}.get(src, src)
+    fields.update(param_dtype=dtype, dtype=dtype)
+    bad = sorted(set(overrides) - set(EXEC_FIELDS))
+    if bad:
+        raise ValueError(f"from_pretrained overrides {bad} would change the model; only {EXEC_FIELDS} may be set")
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+    """ModelConfig -> config.json for transformers' DeepseekV3ForCausalLM (sigmoid router) or
+    DeepseekV2ForCausalLM (softmax router, greedy top-k)."""
+    v3 = cfg.score_fn == "sigmoid"
+    if not v3:
+        for field, ok in (("n_group", cfg.n_group == 1), ("norm_topk_prob", not cfg.norm_topk_prob),
+                          ("use_aux_free_bias", not cfg.use_aux_free_bias), ("rope_interleave", cfg.rope_interleave)):
+            if not ok:
+                raise ValueError(f"ModelConfig.{field}={getattr(cfg, field)!r} has no transformers "
+                                 "DeepseekV2 (softmax router) equivalent")
+    if cfg.capacity_factor is not None:
+        logging.warning("capacity_factor=%s is not exported: transformers' MoE is dropless.", cfg.capacity_factor)
+    out = {
+        "architectures": ["DeepseekV3ForCausalLM" if v3 else "DeepseekV2ForCausalLM"],
+        "model_type": "deepseek_v3" if v3 else "deepseek_v2",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers,
+        "first_k_dense_replace": cfg.first_k_dense, "intermediate_size": cfg.dense_ffn_dim,
+        "rms_norm_eps": cfg.rms_eps, "max_position_embeddings": cfg.max_seq_len,
+        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_heads, "q_lora_rank": cfg.q_lora_rank,
+        "kv_lora_rank": cfg.kv_lora_rank, "qk_nope_head_dim": cfg.qk_nope_head_dim,
+        "qk_rope_head_dim": cfg.qk_rope_head_dim, "v_head_dim": cfg.v_head_dim, "rope_theta": cfg.rope_theta,
+        "n_routed_experts": cfg.n_routed_experts, "n_shared_experts": cfg.n_shared_experts,
+        "num_experts_per_tok": cfg.n_experts_per_tok, "moe_intermediate_size": cfg.moe_ffn_dim,
+        "n_group": cfg.n_group, "topk_group": cfg.topk_group, "norm_topk_prob": cfg.norm_topk_prob,
+        "routed_scaling_factor": cfg.routed_scaling_factor, "num_nextn_predict_layers": cfg.mtp_depth,
+        "scoring_func": cfg.score_fn, "topk_method": "noaux_tc" if v3 else "greedy", "hidden_act": "silu",
+        "attention_bias": False, "tie_word_embeddings": False, "torch_dtype": cfg.param_dtype,
+    }
+    if v3:
+        out["rope_interleave"] = cfg.rope_interleave
+    if cfg.yarn is not None:
+        y = cfg.yarn
+        out["rope_scaling"] = {
+            "type": "yarn", "rope_type": "yarn", "factor": y.factor,
+            "original_max_position_embeddings": y.original_max_position_embeddings,
+            "beta_fast": y.beta_fast, "beta_slow": y.beta_slow, "mscale": y.mscale,
+            "mscale_all_dim": y.mscale_all_dim,
+            # transformers infers this from mscale/mscale_all_dim only when both are non-zero.
+            "attention_factor": yarn_mscale(y.factor, y.mscale) / yarn_mscale(y.factor, y.mscale_all_dim),
+        }
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensor names: one Spec per Hugging Face tensor.
+
+
+class Spec(NamedTuple):
+    name: str  # Hugging Face tensor name
+    path: tuple  # our nnx state path
+    index: tuple  # leading indices into our array (stacked layer, expert)
+    hf_shape: tuple  # shape in the checkpoint
+    transpose: bool  # torch Linear [out, in]: transposed, then reshaped to our slice
+
+
+def _block_specs(cfg: ModelConfig, pre: str, path: tuple, idx: tuple, moe: bool) -> list[Spec]:
+    d, h, n, r, v, c = (cfg.d_model, cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
+                        cfg.v_head_dim, cfg.kv_lora_rank)
+    out = []
+
+    def add(name, sub, shape, transpose=True, extra=()):
+        out.append(Spec(f"{pre}.{name}", path + sub, idx + extra, tuple(shape), transpose))
+
+    add("input_layernorm.weight", ("attn_norm", "scale"), (d,), False)
+    add("post_attention_layernorm.weight", ("mlp_norm", "scale"), (d,), False)
+    a = "self_attn"
+    if cfg.q_lora_rank is None:
+        add(f"{a}.q_proj.weight", ("attn", "wq"), (h * (n + r), d))
+    else:
+        add(f"{a}.q_a_proj.weight", ("attn", "wq_a"), (cfg.q_lora_rank, d))
+        add(f"{a}.q_a_layernorm.weight", ("attn", "q_norm", "scale"), (cfg.q_lora_rank,), False)
+        add(f"{a}.q_b_proj.weight", ("attn", "wq_b"), (h * (n + r), cfg.q_lora_rank))
+    add(f"{a}.kv_a_proj_with_mqa.weight", ("attn", "wkv_a"), (c + r, d))
+    add(f"{a}.kv_a_layernorm.weight", ("attn", "kv_norm", "scale"), (c,), False)
+    add(f"{a}.kv_b_proj.weight", ("attn", "wkv_b"), (h * (n + v), c))
+    add(f"{a}.o_proj.weight", ("attn", "wo"), (d, h * v))
+    if not moe:
+        f = cfg.dense_ffn_dim
+        add("mlp.gate_proj.weight", ("mlp", "w_gate"), (f, d))
+        add("mlp.up_proj.weight", ("mlp", "w_up"), (f, d))
+        add("mlp.down_proj.weight", ("mlp", "w_down"), (d, f))
+        return out
+    e, f = cfg.n_routed_experts, cfg.moe_ffn_dim
+    add("mlp.gate.weight", ("mlp", "router", "weight"), (e, d))
+    if cfg.use_aux_free_bias:
+        add("mlp.gate.e_score_correction_bias", ("mlp", "router", "bias"), (e,), False)
+    for i in range(e):
+        add(f"mlp.experts.{i}.gate_proj.weight", ("mlp", "w_gate"), (f, d), extra=(i,))
+        add(f"mlp.experts.{i}.up_proj.weight", ("mlp", "w_up"), (f, d), extra=(i,))
+        add(f"mlp.experts.{i}.down_proj.weight", ("mlp", "w_down"), (d, f), extra=(i,))
+    if cfg.n_shared_experts:
+        fs = cfg.n_shared_experts * f
+        add("mlp.shared_experts.gate_proj.weight", ("mlp", "shared", "w_gate"), (fs, d))
+        add("mlp.shared_experts.up_proj.weight", ("mlp", "shared", "w_up"), (fs, d))
+        add("mlp.shared_experts.down_proj.weight", ("mlp", "shared", "w_down"), (d, fs))
+    return out
+
+
+def weight_specs(cfg: ModelConfig) -> list[Spec]:
+    """Every tensor of the Hugging Face layout, mapped onto our parameters."""
+    d, V = cfg.d_model, cfg.vocab_size
+    specs = [Spec("model.embed_tokens.weight", ("embed",), (), (V, d), False),
+             Spec("lm_head.weight", ("head",), (), (V, d), True),
+             Spec("model.norm.weight", ("final_norm", "scale"), (), (d,), False)]
+    for i in range(cfg.n_layers):
+        pre = f"model.layers.{i}"
+        if i < cfg.first_k_dense:
+            specs += _block_specs(cfg, pre, ("dense_blocks", i), (), moe=False)
+        elif cfg.scan_layers:
+            specs += _block_specs(cfg, pre, ("moe_blocks",), (i - cfg.first_k_dense,), moe=True)
+        else:
+            specs += _block_specs(cfg, pre, ("moe_blocks", i - cfg.first_k_dense), (), moe=True)
+    for k in range(cfg.mtp_depth):
+        pre, path = f"model.layers.{cfg.n_layers + k}", ("mtp", k)
+        specs += [Spec(f"{pre}.enorm.weight", path + ("enorm", "scale"), (), (d,), False),
+                  Spec(f"{pre}.hnorm.weight", path + ("hnorm", "scale"), (), (d,), False),
+                  Spec(f"{pre}.eh_proj.weight", path + ("eh_proj",), (), (d, 2 * d), True),
+                  Spec(f"{pre}.shared_head.norm.weight", path + ("norm", "scale"), (), (d,), False)]
+        specs += _block_specs(cfg, pre, path + ("block",), (), moe=cfg.n_moe_layers > 0)
+    return specs
+
+
+def _shared_copies(cfg: ModelConfig) -> dict:
+    """MTP layers' copies of the shared embedding / head (DeepSeek's release stores them)."""
+    out = {}
+    for k in range(cfg.mtp_depth):
+        pre = f"model.layers.{cfg.n_layers + k}"
+        out[f"{pre}.embed_tokens.weight"] = "model.embed_tokens.weight"
+        out[f"{pre}.shared_head.head.weight"] = "lm_head.weight"
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def _header(file: str) -> dict:
+    with open(file, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        return json.loads(fh.read(n)), 8 + n
+
+
+class _Shard:
+    """One safetensors file: numpy tensors via safetensors, F8_E4M3 read raw (numpy has no fp8)."""
+
+    def __init__(self, file: str):
+        from safetensors import safe_open
+        self.file = file
+        self.header, self.data_start = _header(file)
+        self.header.pop("__metadata__", None)
+        self._f = safe_open(file, framework="np")
+
+    def keys(self) -> list[str]:
+        return sorted(self.header)
+
+    def get(self, key: str) -> np.ndarray:
+        meta = self.header[key]
+        if meta["dtype"] == "F8_E4M3":
+            start, end = meta["data_offsets"]
+            raw = np.fromfile(self.file, np.uint8, count=end - start, offset=self.data_start + start)
+            return raw.view(ml_dtypes.float8_e4m3fn).reshape(meta["shape"])
+        return self._f.get_tensor(key)
+
+
+def dequantize_fp8(w: np.ndarray, scale_inv: np.ndarray, block: Iterable[int] = (128, 128)) -> np.ndarray:
+    """DeepSeek's block FP8: w [o, i] e4m3 times scale_inv [ceil(o/bo), ceil(i/bi)] per block -> f32."""
+    bo, bi = block
+    o, i = w.shape
+    s = np.repeat(np.repeat(scale_inv.astype(np.float32), bo, axis=0), bi, axis=1)[:o, :i]
+    return w.astype(np.float32) * s
+
+
+def _weight_map(path: str) -> dict:
+    """tensor name -> shard file name."""
+    index = os.path.join(path, _INDEX)
+    if os.path.exists(index):
+        with open(index) as fh:
+            return dict(json.load(fh)["weight_map"])
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no {_INDEX} and no *.safetensors files")
+    out = {}
+    for f in files:
+        for k in _header(os.path.join(path, f))[0]:
+            if k != "__metadata__":
+                out[k] = f
+    return out
+
+
+def read_config(path: str) -> dict:
+    file = os.path.join(path, "config.json")
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"{file} not found: not a Hugging Face model directory")
+    with open(file) as fh:
+        return json.load(fh)
+
+
+def from_pretrained(path: str, *, dtype: Optional[str] = None, **overrides) -> Transformer:
+    """Load a Hugging Face DeepSeek-V3/V2 directory as a ``Transformer`` (``model.cfg`` holds the config).
+
+    ``dtype``: param and compute dtype ("float32", "bfloat16"); default the checkpoint's (FP8 ->
+    bfloat16). ``overrides``: execution fields (``EXEC_FIELDS``), e.g. ``scan_layers=True``.
+    The MTP depth is the number of ``model.layers.{N + k}`` modules actually present (transformers'
+    own ``save_pretrained`` writes none even when ``num_nextn_predict_layers`` says 1).
+    """
+    hf = read_config(path)
+    wmap = _weight_map(path)
+    n = hf.get("num_hidden_layers")
+    declared = hf.get("num_nextn_predict_layers", 0) or 0
+    present = sum(any(k.startswith(f"model.layers.{n + j}.") for k in wmap) for j in range(declared))
+    cfg = config_from_hf(hf, dtype=dtype, mtp_depth=present, **overrides)
+    if present < declared:
+        logging.warning("%s: config declares %d MTP layer(s), weights hold %d; loading %d.",
+                        path, declared, present, present)
+    q = hf.get("quantization_config") or {}
+    block = tuple(q.get("weight_block_size", (128, 128)))
+
+    missing_files = sorted({f for f in wmap.values() if not os.path.exists(os.path.join(path, f))})
+    if missing_files:
+        f = missing_files[0]
+        held = sorted(k for k, v in wmap.items() if v == f)
+        raise FileNotFoundError(f"{os.path.join(path, f)} is missing: the index lists it for "
+                                f"{len(held)} tensor(s), e.g. {held[0]!r}")
+
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    flat = dict(nnx.to_flat_state(state))
+    specs = {s.name: s for s in weight_specs(cfg)}
+    pending = {}  # path -> pieces still to come
+    for s in specs.values():
+        pending[s.path] = pending.get(s.path, 0) + 1
+    buffers, done, filled = {}, {}, set()
+    copies, copy_vals = _shared_copies(cfg), {}
+
+    for file in sorted(set(wmap.values())):
+        shard = _Shard(os.path.join(path, file))
+        for key in shard.keys():
+            if key.endswith("_scale_inv") or key.endswith("rotary_emb.inv_freq"):
+                continue  # read with their weight / recomputed
+            if key in copies:
+                copy_vals[key] = (file, shard.get(key))
+                continue
+            if key not in specs:
+                raise ValueError(f"{shard.file}: tensor {key!r} has no place in the model "
+                                 f"(config: {cfg.n_layers} layers + {cfg.mtp_depth} MTP, "
+                                 f"first_k_dense={cfg.first_k_dense}); is config.json the right one?")
+            s = specs[key]
+            arr = shard.get(key)
+            if arr.dtype == ml_dtypes.float8_e4m3fn:
+                sname = key + "_scale_inv"
+                if sname not in wmap:
+                    raise KeyError(f"{shard.file}: FP8 tensor {key!r} has no {sname!r}")
+                sfile = wmap[sname]
+                sc = (shard if sfile == file else _Shard(os.path.join(path, sfile))).get(sname)
+                arr = dequantize_fp8(arr, sc, block)
+            if tuple(arr.shape) != s.hf_shape:
+                raise ValueError(f"{shard.file}: tensor {key!r} has shape {tuple(arr.shape)}, expected "
+                                 f"{s.hf_shape} from config.json")
+            var = flat[s.path]
+            if s.path not in buffers:
+                buffers[s.path] = np.empty(var.shape, jnp.dtype(var.dtype))
+            buf = buffers[s.path]
+            slot_shape = buf.shape[len(s.index):]
+            buf[s.index] = (arr.T if s.transpose else arr).reshape(slot_shape)
+            filled.add(key)
+            pending[s.path] -= 1
+            if pending[s.path] == 0:  # complete: hand to JAX, drop the host buffer
+                done[s.path] = jnp.asarray(buffers.pop(s.path))
+
+    missing = sorted(set(specs) - filled)
+    if missing:
+        listed = [f"{k} (index: {wmap.get(k, 'not listed')})" for k in missing[:8]]
+        raise KeyError(f"{path}: {len(missing)} tensor(s) missing, e.g. " + "; ".join(listed))
+    for key, (file, val) in copy_vals.items():
+        ref = specs[copies[key]]
+        ours = np.asarray(done[ref.path], np.float32)
+        val = np.asarray(val, np.float32)
+        if val.shape != ref.hf_shape or not np.array_equal(val, ours.T if ref.transpose else ours):
+            logging.warning("%s: %s differs from %s; the MTP module shares the main model's, using that.",
+                            file, key, copies[key])
+    for p, var in flat.items():
+        if p not in done:  # not in the checkpoint: ExpertLoad, and RouterBias when unused
+            done[p] = jnp.zeros(var.shape, var.dtype)
+        var.set_value(done[p])
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def hf_tensors(model: Transformer) -> Iterable[tuple[str, np.ndarray]]:
+    """(name, array) of the Hugging Face layout, one tensor at a time."""
+    cfg = model.cfg
+    flat = dict(nnx.to_flat_state(nnx.state(model)))
+    for s in weight_specs(cfg):
+        val = flat[s.path].get_value()
+        a = np.asarray(jax.device_get(val[s.index] if s.index else val))
+        if s.transpose:
+            a = a.reshape(s.hf_shape[1], s.hf_shape[0]).T
+        yield s.name, np.ascontiguousarray(a.reshape(s.hf_shape))
+        if s.name.endswith("mlp.gate.weight") and cfg.score_fn == "sigmoid" and not cfg.use_aux_free_bias:
+            # transformers' V3 router always adds a bias: an unused one is zero
+            yield s.name.replace(".weight", ".e_score_correction_bias"), np.zeros(cfg.n_routed_experts, np.float32)
+        if s.name in ("model.embed_tokens.weight", "lm_head.weight"):
+            for copy, ref in _shared_copies(cfg).items():
+                if ref == s.name:
+                    yield copy, np.ascontiguousarray(a)
+
+
+def save_pretrained(model: Transformer, out_dir: str, *, max_shard_bytes: int = 4 << 30,
+                    extra_config: Optional[dict] = None) -> list[str]:
+    """Write config.json + safetensors (sharded with an index when over ``max_shard_bytes``).
+
+    MTP modules are written as ``model.layers.{N + k}.*`` with DeepSeek's names (transformers
+    ignores them when loading). Returns the shard file names.
+    """
+    from safetensors.numpy import save_file
+    os.makedirs(out_dir, exist_ok=True)
+    conf = config_to_hf(model.cfg)
+    conf.update(extra_config or {})
+    shards, cur, size = [], {}, 0
+    for name, a in hf_tensors(model):
+        if cur and size + a.nbytes > max_shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[name] = a
+        size += a.nbytes
+    shards.append(cur)
+    files = ["model.safetensors"] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    wmap = {}
+    for f, tensors in zip(files, shards):
+        save_file(tensors, os.path.join(out_dir, f), metadata={"format": "pt"})
+        wmap.update({k: f for k in tensors})
+    if len(shards) > 1:
+        total = sum(a.nbytes for t in shards for a in t.values())
+        with open(os.path.join(out_dir, _INDEX), "w") as fh:
+            json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(wmap.items()))}, fh, indent=2)
+    with open(os.path.join(out_dir, "config.json"), "w") as fh:
+        json.dump(conf, fh, indent=2)
+    return files

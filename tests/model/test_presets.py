@@ -1,0 +1,40 @@
+"""Preset parameter counts against the papers, computed abstractly (jax.eval_shape)."""
+
+import pytest
+
+from model import presets
+from model.param_count import count_params
+
+
+def test_deepseek_v3_671b_counts():
+    c = count_params(presets.deepseek_v3_671b())
+    assert abs(c["total_params"] - 671e9) / 671e9 < 0.01  # report Sec. 1: 671B total
+    assert abs(c["activated_params"] - 37e9) / 37e9 < 0.03  # 37B activated per token
+    assert abs(c["mtp_params"] - 11.5e9) / 11.5e9 < 0.02  # report Sec. 4.2 / weights notes: ~11.5B unique MTP
+
+
+def test_deepseek_v2_lite_counts():
+    c = count_params(presets.deepseek_v2_lite())
+    assert abs(c["total_params"] - 15.7e9) / 15.7e9 < 0.01  # V2 report, Appendix B: 15.7B
+    # 2.4B activated excludes the embedding matrix; ours counts the output head and embedding
+    assert abs(c["activated_params"] - c["components"]["embed"] - 2.4e9) / 2.4e9 < 0.03
+    assert c["mtp_params"] == 0
+
+
+@pytest.mark.parametrize("name", ["moe_tiny", "small"])
+def test_small_presets(name):
+    c = count_params(presets.get(name))
+    assert 0 < c["activated_params"] < c["total_params"]
+    if name == "small":
+        assert 80e6 < c["total_params"] < 120e6
+
+
+def test_count_params_cli(capsys):
+    from absl.testing import flagsaver  # noqa: F401  (absl is a dependency)
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "tools.count_params", "--config=configs/deepseek_v3_671b.py"],
+                         capture_output=True, text=True, check=True).stdout.strip().splitlines()
+    assert out[-3].startswith("total_params: ") and out[-2].startswith("activated_params: ")
+    assert out[-1].startswith("mtp_params: ")
+    assert abs(int(out[-3].split()[1]) - 671e9) / 671e9 < 0.01

@@ -1,0 +1,13 @@
+"""Tiny configurations shared by the tests."""
+
+from model.config import ModelConfig
+
+
+def tiny_config(**kw) -> ModelConfig:
+    """A few-thousand-parameter DeepSeek-V3-shaped model (both latents, groups, shared expert, MTP)."""
+    base = dict(vocab_size=64, d_model=32, n_layers=3, first_k_dense=1, dense_ffn_dim=48, n_heads=2,
+                q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+                n_routed_experts=8, n_shared_experts=1, n_experts_per_tok=2, moe_ffn_dim=16, n_group=4,
+                topk_group=2, mtp_depth=1, max_seq_len=64, moe_block_rows=8)
+    base.update(kw)
+    return ModelConfig(**base)
