@@ -14,10 +14,10 @@ from configs.base import build
 def get_config():
     c = build("moe_tiny")
     c.train.steps = 400
-    c.train.global_batch_size = 16
+    c.train.global_batch_size = 32
     c.train.eval_every = 200
     c.train.checkpoint_every = 200
-    c.data.seq_len = 256
-    c.optimizer.lr = 3e-3
-    c.optimizer.warmup_steps = 40
+    c.data.seq_len = 128
+    c.optimizer.lr = 6e-3
+    c.optimizer.warmup_steps = 30
     return c

@@ -36,20 +36,20 @@ class ModelConfig:
 
     # --- sizes ---
     vocab_size: int = 264  # V; byte tokenizer needs >= 259 (256 bytes + pad/bos/eos)
-    d_model: int = 256  # d (hidden_size)
+    d_model: int = 128  # d (hidden_size)
     n_layers: int = 4  # main-model transformer blocks (num_hidden_layers)
     first_k_dense: int = 1  # the first k blocks use a dense FFN (first_k_dense_replace)
-    dense_ffn_dim: int = 768  # f of the dense SwiGLU (intermediate_size)
+    dense_ffn_dim: int = 384  # f of the dense SwiGLU (intermediate_size)
     rms_eps: float = 1e-6
     max_seq_len: int = 4096  # longest position the RoPE tables cover (max_position_embeddings)
 
     # --- MLA (DeepSeek-V2 report Sec. 2.1; V3 report Sec. 2.1.1) ---
     n_heads: int = 4  # h (num_attention_heads)
-    q_lora_rank: Optional[int] = 96  # d_c' query latent; None = no query compression (V2-Lite)
-    kv_lora_rank: int = 64  # d_c KV latent
-    qk_nope_head_dim: int = 32  # d_h of the content part of q/k
-    qk_rope_head_dim: int = 16  # d_h^R of the decoupled RoPE part (key shared by all heads)
-    v_head_dim: int = 32
+    q_lora_rank: Optional[int] = 64  # d_c' query latent; None = no query compression (V2-Lite)
+    kv_lora_rank: int = 32  # d_c KV latent
+    qk_nope_head_dim: int = 16  # d_h of the content part of q/k
+    qk_rope_head_dim: int = 8  # d_h^R of the decoupled RoPE part (key shared by all heads)
+    v_head_dim: int = 16
     rope_theta: float = 10000.0
     rope_interleave: bool = True  # checkpoint stores rope dims pair-interleaved (DeepSeek's layout)
     yarn: Optional[YarnConfig] = None  # None = plain RoPE
@@ -58,7 +58,7 @@ class ModelConfig:
     n_routed_experts: int = 16  # N_r
     n_shared_experts: int = 1  # N_s
     n_experts_per_tok: int = 4  # K_r (num_experts_per_tok)
-    moe_ffn_dim: int = 128  # f of each expert (moe_intermediate_size)
+    moe_ffn_dim: int = 64  # f of each expert (moe_intermediate_size)
     score_fn: str = "sigmoid"  # s_{i,t} = sigmoid(u^T e_i) in V3; softmax in V2 (scoring_func)
     n_group: int = 4  # expert groups for group-limited routing (n_group); 1 = plain top-k
     topk_group: int = 2  # groups each token may use (topk_group)

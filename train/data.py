@@ -346,7 +346,9 @@ def _pipeline(data_cfg, split: str, *, rows: int, train: bool, process_index: in
     def encode(text: str) -> np.ndarray:
         return np.concatenate([[bos], tok.encode(text), [eos]]).astype(np.int32)
 
-    shuffle = train and data_cfg.shuffle
+    # Eval is shuffled too (with the same fixed seed, so it is deterministic): a few eval batches
+    # then sample many validation files instead of the first few in path order.
+    shuffle = data_cfg.shuffle
     ds = grain.MapDataset.source(corpus)
     if shuffle:
         ds = ds.shuffle(seed=data_cfg.seed)  # a new permutation each epoch of the repeat below
@@ -414,7 +416,8 @@ def make_train_iterator(data_cfg, *, global_batch_size: int, process_index: int 
 
 
 def make_eval_batches(data_cfg, *, batch_size: int, num_batches: int, process_index: int = 0, process_count: int = 1) -> list[dict]:
-    """The first `num_batches` batches of the validation split, in file order, no shuffle.
+    """The first `num_batches` batches of the validation split: documents and chunks shuffled with
+    the fixed `data.seed` (deterministic, and spread over many files rather than the first few).
 
     `batch_size` is global (each process gets batch_size // process_count rows, as in training).
     Fewer batches come back if the split runs out; the last one is then padded with empty rows

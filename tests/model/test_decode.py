@@ -78,7 +78,6 @@ def test_ragged_batch_matches_single_prompts(model):
     batch = decode.generate(model, prompts, max_new_tokens=6)
     single = [decode.generate(model, [p], max_new_tokens=6)[0] for p in prompts]
     assert batch == single
-    assert decode.generate(model, prompts, max_new_tokens=6, cache="naive") == batch
     # greedy continuation = argmax of the full forward over prompt + generated tokens
     seq = prompts[0] + batch[0]
     full = _forward(model, [seq])[0]
