@@ -29,6 +29,7 @@ def model_config_dict(preset: str) -> ml_collections.ConfigDict:
         elif f.name in _OPTIONAL:
             v = config_dict.placeholder(_OPTIONAL[f.name]) if v is None else config_dict.FieldReference(v, field_type=_OPTIONAL[f.name])
         d[f.name] = v
+    del d["kernels_impl"]  # set through config.kernels.impl
     return ml_collections.ConfigDict(d)
 
 
@@ -40,6 +41,11 @@ def build(preset: str) -> ml_collections.ConfigDict:
     c.data = default_data_config()
     # AdamW + schedule (train/optimizer.py).
     c.optimizer = default_optimizer_config()
+
+    # Kernel backends (kernels_pallas/). impl: "auto" = Pallas where it compiles (TPU) and XLA
+    # elsewhere; "pallas" forces the Pallas kernels (interpreted on CPU: slow, for tests);
+    # "xla" = the portable path (model/grouped_matmul.py).
+    c.kernels = ml_collections.ConfigDict({"impl": "auto"})
 
     # Device mesh (train/sharding.py). The product of the four sizes must be the device count of
     # all processes together, or 1: the default 1 x 1 x 1 x 1 is the single-device run on the first

@@ -4,8 +4,9 @@
 
 MLA with query and KV latents, 1 dense + 3 MoE blocks (16 routed experts, top-4 in 4 groups of
 which 2 are kept, 1 shared expert), sigmoid router with the aux-loss-free bias, one MTP module,
-byte-level tokenizer. Expected on a 2-core CPU: ~4 min, final_eval_bits_per_byte ~2.3 against a
-unigram entropy of ~4.8 bits per byte (summary.json).
+byte-level tokenizer, d_model 128 (2.1M parameters). Measured on a 2-core CPU (jax 0.10.2): 4 min 17 s
+wall, ~7,100 tokens/s, final_eval_bits_per_byte 2.37 against a unigram entropy of 4.74 bits per
+byte of the validation split (summary.json), i.e. 0.50x.
 """
 
 from configs.base import build

@@ -13,6 +13,8 @@ from typing import Any, Mapping, Optional
 _SCORE_FNS = ("sigmoid", "softmax")
 _REMAT = ("none", "full", "dots", "dots_no_batch", "save_moe")
 _DTYPES = ("float32", "bfloat16", "float16")
+# Fields that change how the model runs, not what it is (``ModelConfig.identity`` leaves them out).
+EXECUTION_FIELDS = ("kernels_impl", "remat", "moe_block_rows", "dtype", "max_seq_len")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +151,14 @@ class ModelConfig:
         if d.get("yarn") is not None and not isinstance(d["yarn"], YarnConfig):
             d["yarn"] = YarnConfig(**dict(d["yarn"]))
         return cls(**d)
+
+    def identity(self) -> dict:
+        """The fields that define the model (what a checkpoint must match); execution-only
+        fields (kernel backend, remat, tile size, compute dtype, RoPE table length) may differ."""
+        d = dataclasses.asdict(self)
+        for k in EXECUTION_FIELDS:
+            d.pop(k)
+        return d
 
     def replace(self, **kw) -> "ModelConfig":
         return dataclasses.replace(self, **kw)

@@ -187,12 +187,12 @@ class Checkpointer:
         self._mngr.reload()
 
     def _compare_model(self, step: int, saved: Any, expected: Any):
-        saved, expected = _json_roundtrip(saved), _json_roundtrip(expected)
-        if saved == expected:
-            return
-        a, b = _flatten_dict(saved), _flatten_dict(expected)
+        # Only the expected fields are compared: a checkpoint may record more (execution fields).
+        a, b = _flatten_dict(_json_roundtrip(saved or {})), _flatten_dict(_json_roundtrip(expected))
         diffs = [f"  {k}: checkpoint={a.get(k, '<absent>')!r} config={b.get(k, '<absent>')!r}"
-                 for k in sorted(set(a) | set(b)) if a.get(k, _MISSING) != b.get(k, _MISSING)]
+                 for k in sorted(b) if a.get(k, _MISSING) != b.get(k, _MISSING)]
+        if not diffs:
+            return
         raise CheckpointMismatchError(
             f"Checkpoint step {step} in {self.directory} was written for a different model config; "
             f"differing fields:\n" + "\n".join(diffs[:_MAX_LISTED])

@@ -42,7 +42,11 @@ class NonFiniteError(RuntimeError):
 
 
 def model_config(config) -> ModelConfig:
-    return ModelConfig.from_dict(config.model.to_dict())
+    """``config.model`` plus the kernel backend ``config.kernels.impl`` (auto | pallas | xla)."""
+    fields = config.model.to_dict()
+    if "kernels" in config:
+        fields["kernels_impl"] = config.kernels.impl
+    return ModelConfig.from_dict(fields)
 
 
 def _check_batch_config(config) -> None:
@@ -90,7 +94,7 @@ def train_and_evaluate(config, workdir: str, *, on_step: Optional[Callable[[int]
                          f"set --config.model.vocab_size to at least {tokenizer.vocab_size}")
     if config.data.seq_len > cfg.max_seq_len:
         raise ValueError(f"data.seq_len={config.data.seq_len} exceeds model.max_seq_len={cfg.max_seq_len}")
-    model_dict = dataclasses.asdict(cfg)
+    model_dict = cfg.identity()
 
     # ---- checkpoints: refuse a different model before doing any work ----
     ckpt = Checkpointer(workdir / "checkpoints", keep=tc.keep_checkpoints, save_every=tc.checkpoint_every,

@@ -86,7 +86,7 @@ def _gmm_reference(lhs, rhs, sizes):
     return out
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(data=st.data(), g=st.integers(1, 6), k=st.integers(1, 9), n=st.integers(1, 7), tile=st.sampled_from([1, 4, 8]))
 def test_grouped_matmul_property(data, g, k, n, tile):
     sizes = np.array(data.draw(st.lists(st.integers(0, 9), min_size=g, max_size=g)), np.int32)

@@ -31,12 +31,13 @@ def test_mtp_module_sees_token_k_ahead_and_nothing_later():
     """MTP depth-1 logits at position i depend on inputs[: i + 2] only (h_i and Emb(t_{i+1}))."""
     cfg = tiny_config(mtp_depth=2)
     model = Transformer(cfg, rngs=nnx.Rngs(0))
+    mtp = nnx.jit(lambda m, x: m(x).mtp_logits)
     x = jax.random.randint(jax.random.key(0), (1, 10), 0, cfg.vocab_size)
-    base = model(x).mtp_logits
+    base = mtp(model, x)
     i = 4
-    changed = model(x.at[0, i + 1].set((x[0, i + 1] + 1) % cfg.vocab_size)).mtp_logits
+    changed = mtp(model, x.at[0, i + 1].set((x[0, i + 1] + 1) % cfg.vocab_size))
     assert not np.allclose(base[0, 0, i], changed[0, 0, i])  # depth 1 uses t_{i+1}
-    later = model(x.at[0, i + 2].set((x[0, i + 2] + 1) % cfg.vocab_size)).mtp_logits
+    later = mtp(model, x.at[0, i + 2].set((x[0, i + 2] + 1) % cfg.vocab_size))
     np.testing.assert_array_equal(np.asarray(base[0, 0, i]), np.asarray(later[0, 0, i]))  # not t_{i+2}
     assert not np.allclose(base[1, 0, i], later[1, 0, i])  # depth 2 uses t_{i+2}
 
@@ -48,7 +49,7 @@ def test_mtp_loss_is_weighted_mean_over_depths():
     targets = jnp.roll(inputs, -1, axis=1)
     seg = jnp.ones_like(inputs)
     batch = {"targets": targets, "loss_mask": jnp.ones(inputs.shape).at[:, -1].set(0), "segment_ids": seg}
-    out = model(inputs)
+    out = nnx.jit(lambda m, x: m(x))(model, inputs)
     got = lm_losses(out, batch, mtp_weight=0.3)["mtp_loss"]
     total = 0.0
     for k in (1, 2):
