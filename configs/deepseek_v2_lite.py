@@ -12,6 +12,7 @@ from configs.base import build
 def get_config():
     c = build("deepseek_v2_lite")
     c.train.global_batch_size = 256
+    c.train.steps = 20_000
     c.data.seq_len = 4096
     c.optimizer.lr = 4.2e-4
     c.optimizer.warmup_steps = 2000

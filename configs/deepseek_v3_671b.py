@@ -12,6 +12,8 @@ from configs.base import build
 def get_config():
     c = build("deepseek_v3_671b")
     c.train.global_batch_size = 15360
+    # 14.8T tokens / (15360 x 4096) ~ 235K steps (the report ramps the batch up first; we do not).
+    c.train.steps = 235_000
     c.train.mtp_loss_weight = 0.3
     c.data.seq_len = 4096
     c.optimizer.lr = 2.2e-4

@@ -8,6 +8,7 @@ import pytest
 
 from model.config import ModelConfig
 from model.param_count import count_params
+from train.optimizer import make_optimizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "*.py")) if not os.path.basename(p).startswith("_")
@@ -24,3 +25,4 @@ def test_config_loads_and_builds(path):
     assert count_params(cfg)["total_params"] > 0
     assert config.data.seq_len <= cfg.max_seq_len
     assert config.train.global_batch_size % config.train.microbatches == 0
+    make_optimizer(config.optimizer, config.train.steps)  # the schedule is valid for the step count
