@@ -30,6 +30,8 @@ def model_config_dict(preset: str) -> ml_collections.ConfigDict:
             v = config_dict.placeholder(_OPTIONAL[f.name]) if v is None else config_dict.FieldReference(v, field_type=_OPTIONAL[f.name])
         d[f.name] = v
     del d["kernels_impl"]  # set through config.kernels.impl
+    # Compute dtype of the matmuls: "auto" = bfloat16 on GPU/TPU, float32 on CPU (the trainer resolves it).
+    d["dtype"] = "auto"
     return ml_collections.ConfigDict(d)
 
 

@@ -11,6 +11,8 @@ from configs.base import build
 
 def get_config():
     c = build("deepseek_v2_lite")
+    # Accelerator-only recipe: bf16 compute whatever the planning machine is.
+    c.model.dtype = "bfloat16"
     c.train.global_batch_size = 256
     c.train.steps = 20_000
     c.data.seq_len = 4096

@@ -11,6 +11,8 @@ from configs.base import build
 
 def get_config():
     c = build("deepseek_v3_671b")
+    # Accelerator-only recipe: bf16 compute whatever the planning machine is.
+    c.model.dtype = "bfloat16"
     c.train.global_batch_size = 15360
     # 14.8T tokens / (15360 x 4096) ~ 235K steps (the report ramps the batch up first; we do not).
     c.train.steps = 235_000

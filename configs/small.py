@@ -10,7 +10,6 @@ from configs.base import build
 
 def get_config():
     c = build("small")
-    c.model.dtype = "bfloat16"
     c.train.steps = 20000
     c.train.global_batch_size = 64
     c.data.seq_len = 1024

@@ -6,9 +6,9 @@ import os
 
 import pytest
 
-from model.config import ModelConfig
 from model.param_count import count_params
 from train.optimizer import make_optimizer
+from train.trainer import model_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "*.py")) if not os.path.basename(p).startswith("_")
@@ -21,7 +21,7 @@ def test_config_loads_and_builds(path):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     config = mod.get_config()
-    cfg = ModelConfig.from_dict(config.model.to_dict())
+    cfg = model_config(config)
     assert count_params(cfg)["total_params"] > 0
     assert config.data.seq_len <= cfg.max_seq_len
     assert config.train.global_batch_size % config.train.microbatches == 0

@@ -42,10 +42,13 @@ class NonFiniteError(RuntimeError):
 
 
 def model_config(config) -> ModelConfig:
-    """``config.model`` plus the kernel backend ``config.kernels.impl`` (auto | pallas | xla)."""
+    """``config.model`` plus the kernel backend ``config.kernels.impl`` (auto | pallas | xla), with
+    ``model.dtype = "auto"`` resolved for the current backend."""
     fields = config.model.to_dict()
     if "kernels" in config:
         fields["kernels_impl"] = config.kernels.impl
+    if fields.get("dtype") == "auto":  # bf16 compute on accelerators, f32 on CPU
+        fields["dtype"] = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     return ModelConfig.from_dict(fields)
 
 
@@ -141,7 +144,7 @@ def train_and_evaluate(config, workdir: str, *, on_step: Optional[Callable[[int]
                                  in_shardings=(state_sh["params"], state_sh["rest"], batch_sh))
     flops_per_token = model_flops_per_token(cfg, config.data.seq_len)
     peak, peak_src = peak_flops(tc.peak_flops)
-    peak_total = peak * jax.device_count()
+    peak_total = peak * mesh.size  # the devices this run computes on (1 for the default mesh)
     writer.log(f"MFU denominator: {peak_total / 1e12:.3f} TFLOP/s ({peak_src})")
 
     def evaluate(step: int) -> dict:
