@@ -26,6 +26,7 @@ What this layer adds to orbax, and why:
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Any, Optional
 
@@ -59,6 +60,8 @@ class Checkpointer:
     def __init__(self, directory, *, keep: Optional[int] = 3, save_every: int, async_save: bool = True):
         if save_every <= 0:
             raise ValueError(f"save_every must be > 0, got {save_every}")
+        if "://" not in str(directory):  # local path: orbax needs it absolute
+            directory = os.path.abspath(directory)
         self.directory = epath.Path(directory)
         self.save_every = int(save_every)
         options = ocp.CheckpointManagerOptions(

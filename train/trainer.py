@@ -79,7 +79,7 @@ def _load_init_checkpoint(path: str, state: dict, model_dict: dict) -> dict:
 
 def train_and_evaluate(config, workdir: str, *, on_step: Optional[Callable[[int], None]] = None) -> dict:
     """Train ``config`` in ``workdir``; returns the summary dict. ``on_step(step)`` is a test hook."""
-    workdir = Path(workdir)
+    workdir = Path(workdir).absolute()  # orbax needs absolute paths; the default workdir is relative
     workdir.mkdir(parents=True, exist_ok=True)
     tc = config.train
     _check_batch_config(config)

@@ -75,8 +75,9 @@ def test_kill_and_resume_is_bitwise_identical(corpus, tmp_path):
         assert key in s
 
 
-def test_sigterm_saves_and_exits_cleanly(corpus, tmp_path):
-    wd = str(tmp_path / "run")
+def test_sigterm_saves_and_exits_cleanly(corpus, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    wd = "run"  # relative, like train.main's default workdir
 
     def preempt(step):
         if step == 2:
@@ -84,7 +85,7 @@ def test_sigterm_saves_and_exits_cleanly(corpus, tmp_path):
 
     summary = train_and_evaluate(tiny(corpus, checkpoint_every=100), wd, on_step=preempt)
     assert summary["preempted"] and summary["steps"] == 2
-    assert os.path.isdir(os.path.join(wd, "checkpoints", "2"))
+    assert os.path.isdir(os.path.join(tmp_path, wd, "checkpoints", "2"))
 
 
 def test_non_finite_steps_are_skipped_then_stop(corpus, tmp_path):
