@@ -1,6 +1,6 @@
 """moe_tiny train-step times on several meshes of 8 fake CPU devices (informational).
 
-  python -m tools.bench_parallel [--steps=5] [--seq_len=64] [--batch=16] [--d_model=256]
+  python -m tools.bench_parallel [--steps=5] [--seq_len=64] [--batch=16] [--d_model=128]
 
 Prints one JSON line per mesh: compile seconds, median step seconds, tokens/s and the dropped
 count. On a CPU host the 8 "devices" share its cores, so this measures the parallel code's
@@ -21,7 +21,7 @@ from absl import app, flags  # noqa: E402
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per mesh (after one compile step).")
 _SEQ = flags.DEFINE_integer("seq_len", 64, "Tokens per row.")
 _BATCH = flags.DEFINE_integer("batch", 16, "Global batch (rows).")
-_D_MODEL = flags.DEFINE_integer("d_model", 256, "Model width (moe_tiny: 256).")
+_D_MODEL = flags.DEFINE_integer("d_model", 128, "Model width (moe_tiny: 128).")
 
 MESHES = [dict(), dict(data=8), dict(fsdp=8), dict(data=2, expert=4), dict(data=2, expert=2, tensor=2),
           dict(fsdp=2, expert=2, tensor=2)]
