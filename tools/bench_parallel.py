@@ -30,14 +30,16 @@ MESHES = [dict(), dict(data=8), dict(fsdp=8), dict(data=2, expert=4), dict(data=
 def bench(mesh_sizes: dict) -> dict:
     import jax
 
-    from tests.train.test_parallel_equivalence import small_config, synthetic_batches
+    from configs import moe_tiny
     from train import sharding
     from train.optimizer import make_optimizer
     from train.state import abstract_state, init_state
     from train.step import make_train_step
+    from train.synthetic import synthetic_batches
     from train.trainer import model_config
 
-    c = small_config(**mesh_sizes)
+    c = moe_tiny.get_config()
+    c.mesh.update(mesh_sizes)
     c.data.seq_len, c.train.global_batch_size = _SEQ.value, _BATCH.value
     c.model.d_model, c.model.n_layers, c.model.mtp_depth = _D_MODEL.value, 4, 1  # moe_tiny's depth
     mesh = sharding.make_mesh(c.mesh)
@@ -50,7 +52,7 @@ def bench(mesh_sizes: dict) -> dict:
     step = sharding.MeshJit(make_train_step(graphdef, tx, c.train), mesh, donate_argnums=(0,),
                             in_shardings=(state_sh, sharding.batch_sharding(mesh)),
                             out_shardings=(state_sh, sharding.replicated(mesh)))
-    batches = [sharding.global_batch(b, mesh) for b in synthetic_batches(c, _STEPS.value + 1)]
+    batches = [sharding.global_batch(b, mesh) for b in synthetic_batches(c.train.global_batch_size, c.data.seq_len, _STEPS.value + 1)]
     t0 = time.perf_counter()
     state, m = step(state, batches[0])
     jax.block_until_ready(m)

@@ -23,6 +23,7 @@ from train import sharding
 from train.optimizer import make_optimizer
 from train.state import abstract_state, init_state
 from train.step import make_train_step
+from train.synthetic import synthetic_batches as _synthetic
 from train.trainer import model_config
 
 MESHES = [dict(data=8), dict(fsdp=8), dict(data=2, expert=4), dict(data=2, expert=2, tensor=2),
@@ -45,18 +46,7 @@ def small_config(**mesh):
 
 
 def synthetic_batches(c, n: int, seed: int = 0) -> list[dict]:
-    """Random byte tokens; the last 5 positions of every row are padding (segment 0)."""
-    rng = np.random.default_rng(seed)
-    b, t = c.train.global_batch_size, c.data.seq_len
-    seg = np.ones((b, t), np.int32)
-    seg[:, t - 5:] = 0
-    out = []
-    for _ in range(n):
-        toks = rng.integers(3, 259, (b, t + 1)).astype(np.int32)
-        out.append(dict(inputs=toks[:, :-1] * seg, targets=toks[:, 1:] * seg, segment_ids=seg,
-                        positions=np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
-                        loss_mask=seg.astype(np.float32)))
-    return out
+    return _synthetic(c.train.global_batch_size, c.data.seq_len, n, seed)
 
 
 _RUNS = {}
