@@ -105,11 +105,6 @@ def _use_ragged_dot() -> bool:
     return jax.default_backend() in ("gpu", "tpu")
 
 
-def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *, tile: int = 64) -> jax.Array:
-    """Grouped weight gradient: out[i] = lhs[rows of i]^T @ grad[rows of i]; [m,k],[m,n] -> [g,k,n]."""
-    return _tgmm_scan(lhs, grad, group_sizes, tile, lhs.dtype)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _gmm(lhs, rhs, group_sizes, tile):
     return _gmm_scan(lhs, rhs, group_sizes, tile, False, lhs.dtype)

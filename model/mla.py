@@ -17,8 +17,6 @@ each other; padding (segment 0) only attends to padding, which keeps every softm
 Parameter names follow DeepSeek's reference code (wq_a, q_norm, wq_b, wkv_a, kv_norm, wkv_b, wo).
 """
 
-from typing import Optional
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -29,18 +27,12 @@ from model.params import linear_param
 from model.rope import apply_rope, rope_angles
 
 
-def attention_mask(segment_ids: jax.Array, q_segment_ids: Optional[jax.Array] = None,
-                   q_positions: Optional[jax.Array] = None, kv_positions: Optional[jax.Array] = None) -> jax.Array:
-    """Boolean [b, 1, t, s]: causal (by index, or by position when given) and same-segment."""
-    qs = segment_ids if q_segment_ids is None else q_segment_ids
-    same = qs[:, :, None] == segment_ids[:, None, :]  # [b, t, s]
-    if q_positions is None:
-        t, s = qs.shape[1], segment_ids.shape[1]
-        causal = jnp.arange(t)[:, None] + (s - t) >= jnp.arange(s)[None, :]  # [t, s]
-        mask = same & causal[None]
-    else:
-        mask = same & (q_positions[:, :, None] >= kv_positions[:, None, :])
-    return mask[:, None]
+def attention_mask(segment_ids: jax.Array) -> jax.Array:
+    """Boolean [b, 1, t, s]: causal and same-segment (packed documents never see each other)."""
+    t = segment_ids.shape[1]
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [b, t, s]
+    causal = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]  # [t, s]
+    return (same & causal[None])[:, None]
 
 
 class MLA(nnx.Module):

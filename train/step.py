@@ -6,7 +6,6 @@ from the expert loads summed over the whole global batch (DeepSeek-V3 report Sec
 whose loss or gradient is not finite changes nothing except the ``skipped`` counter.
 """
 
-import functools
 import math
 
 import jax

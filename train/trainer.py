@@ -13,18 +13,13 @@ default 1-device mesh this is the plain single-device run.
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import signal
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
 
 from model.config import ModelConfig
 from train import data as data_lib

@@ -30,7 +30,6 @@ def test_small_presets(name):
 
 
 def test_count_params_cli(capsys):
-    from absl.testing import flagsaver  # noqa: F401  (absl is a dependency)
     import subprocess
     import sys
     out = subprocess.run([sys.executable, "-m", "tools.count_params", "--config=configs/deepseek_v3_671b.py"],
