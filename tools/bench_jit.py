@@ -14,7 +14,6 @@ import time
 
 import jax
 import numpy as np
-import optax
 from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags

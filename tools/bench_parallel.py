@@ -34,7 +34,7 @@ def bench(mesh_sizes: dict) -> dict:
     from train import sharding
     from train.optimizer import make_optimizer
     from train.state import abstract_state, init_state
-    from train.step import make_train_step
+    from train.step import sharded_train_step
     from train.synthetic import synthetic_batches
     from train.trainer import model_config
 
@@ -49,9 +49,7 @@ def bench(mesh_sizes: dict) -> dict:
     graphdef, abstract = abstract_state(cfg, tx, 0)
     state_sh = sharding.tree_shardings(abstract, mesh)
     state = sharding.create(lambda: init_state(cfg, tx, 0)[1], state_sh, mesh)
-    step = sharding.MeshJit(make_train_step(graphdef, tx, c.train), mesh, donate_argnums=(0,),
-                            in_shardings=(state_sh, sharding.batch_sharding(mesh)),
-                            out_shardings=(state_sh, sharding.replicated(mesh)))
+    step = sharded_train_step(graphdef, tx, c.train, mesh, state_sh)
     batches = [sharding.global_batch(b, mesh) for b in synthetic_batches(c.train.global_batch_size, c.data.seq_len, _STEPS.value + 1)]
     t0 = time.perf_counter()
     state, m = step(state, batches[0])

@@ -83,7 +83,7 @@ def main(argv):
     from train import sharding
     from train.optimizer import make_optimizer
     from train.state import abstract_state
-    from train.step import make_train_step
+    from train.step import sharded_train_step
     from train.trainer import model_config
 
     devices = jax.devices()[:n_dev] if n_dev else jax.devices()
@@ -103,8 +103,7 @@ def main(argv):
     batch = {k: jax.ShapeDtypeStruct((b, t), np.dtype(dt), sharding=batch_sh) for k, dt in
              (("inputs", "int32"), ("targets", "int32"), ("segment_ids", "int32"), ("positions", "int32"),
               ("loss_mask", "float32"))}
-    step = sharding.MeshJit(make_train_step(graphdef, tx, tc), mesh, donate_argnums=(0,),
-                            in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, sharding.replicated(mesh)))
+    step = sharded_train_step(graphdef, tx, tc, mesh, state_sh)
     lowered = step.lower(state, batch)
 
     n_params = sum(x.size for x in jax.tree.leaves(abstract["params"]))

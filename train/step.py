@@ -16,6 +16,7 @@ from flax import nnx
 from model.balance import expert_loads, max_violation, update_router_biases
 from model.loss import lm_losses, token_cross_entropy
 from model.router import ExpertLoad
+from train import sharding
 from train.state import merge
 
 
@@ -86,6 +87,15 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, train_cfg):
         return new_state, metrics
 
     return train_step
+
+
+def sharded_train_step(graphdef, tx: optax.GradientTransformation, train_cfg, mesh, state_sh, *,
+                       donate: bool = True) -> sharding.MeshJit:
+    """``make_train_step`` jitted on ``mesh``: state in and out with ``state_sh``, the batch split over
+    the batch axes, metrics replicated; the input state is donated unless ``donate=False``."""
+    return sharding.MeshJit(make_train_step(graphdef, tx, train_cfg), mesh, donate_argnums=(0,) if donate else (),
+                            in_shardings=(state_sh, sharding.batch_sharding(mesh)),
+                            out_shardings=(state_sh, sharding.replicated(mesh)))
 
 
 def make_eval_step(graphdef):

@@ -29,7 +29,7 @@ from train.flops import model_flops_per_token, peak_flops
 from train.metrics import MetricWriter, write_run_info, write_summary
 from train.optimizer import make_optimizer, make_schedule
 from train.state import abstract_state, init_state
-from train.step import eval_metrics, make_eval_step, make_train_step
+from train.step import eval_metrics, make_eval_step, sharded_train_step
 
 
 class NonFiniteError(RuntimeError):
@@ -133,8 +133,7 @@ def train_and_evaluate(config, workdir: str, *, on_step: Optional[Callable[[int]
 
     # ---- compiled steps: state keeps its shardings, batches are split over the batch axes ----
     batch_sh, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-    train_step = sharding.MeshJit(make_train_step(graphdef, tx, tc), mesh, donate_argnums=(0,),
-                                  in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated))
+    train_step = sharded_train_step(graphdef, tx, tc, mesh, state_sh)
     eval_step = sharding.MeshJit(make_eval_step(graphdef), mesh, out_shardings=replicated,
                                  in_shardings=(state_sh["params"], state_sh["rest"], batch_sh))
     flops_per_token = model_flops_per_token(cfg, config.data.seq_len)

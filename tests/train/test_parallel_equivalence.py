@@ -3,7 +3,7 @@
 Three optimizer steps of a narrow moe_tiny (d_model 64, 1 dense + 1 MoE block, seq_len 32,
 batch 8) on each mesh give the losses and parameters of the 1-device run, with no
 assignment dropped. The steps run through the trainer's own pieces: ``sharding.create`` for the
-state, ``MeshJit(make_train_step)`` with the state's shardings, ``sharding.global_batch``.
+state, ``sharded_train_step`` with the state's shardings, ``sharding.global_batch``.
 
 Warmup spans the three steps (lr 0, 3e-4, 6e-4): Adam's update lr * m / (sqrt(v) + eps) turns a
 ~1e-7 relative change in a near-zero gradient (sums reassociated across devices) into a change of
@@ -22,7 +22,7 @@ from tests.tolerances import assert_close
 from train import sharding
 from train.optimizer import make_optimizer
 from train.state import abstract_state, init_state
-from train.step import make_train_step
+from train.step import sharded_train_step
 from train.synthetic import synthetic_batches as _synthetic
 from train.trainer import model_config
 
@@ -66,8 +66,7 @@ def train(**mesh_sizes) -> dict:
     graphdef, abstract = abstract_state(cfg, tx, c.train.seed)
     state_sh = sharding.tree_shardings(abstract, mesh)
     state = sharding.create(lambda: init_state(cfg, tx, c.train.seed)[1], state_sh, mesh)
-    step = sharding.MeshJit(make_train_step(graphdef, tx, c.train), mesh, in_shardings=(state_sh, sharding.batch_sharding(mesh)),
-                            out_shardings=(state_sh, sharding.replicated(mesh)))
+    step = sharded_train_step(graphdef, tx, c.train, mesh, state_sh, donate=False)
     batches = [sharding.global_batch(b, mesh) for b in synthetic_batches(c, STEPS)]
     compiled = step.lower(state, batches[0]).compile()
     losses, dropped = [], []
