@@ -1,16 +1,19 @@
 """Data pipeline: text files -> tokens -> packed [b, t] batches, built on grain.
 
-Stages (train; eval drops the shuffles and the repeat):
-  documents  grain.MapDataset over the split's documents, seeded global shuffle (a fresh order every
-             epoch, derived from `seed`), infinite repeat, lazy read + tokenize -> [BOS] ids [EOS].
-  chunks     each document is cut into windows of at most seq_len+1 tokens that overlap by one, so
-             every token but BOS is a target exactly once; inputs = w[:-1], targets = w[1:].
-  mixing     a seeded window shuffle over `shuffle_window` chunks, so one long file does not fill
-             several consecutive batches (`_WindowShuffle`, here rather than grain's, see there).
-  packing    grain first-fit packing of (inputs, targets) pairs into rows of length t = seq_len.
+Stages (train; eval drops the repeat):
+  index      every document of the split is tokenized once to count its tokens ([BOS] ids [EOS]),
+             and cut into chunks of at most seq_len+1 tokens that overlap by one, so every token but
+             BOS is a target exactly once: the (document, offset) `ChunkIndex`. Built before the
+             first batch (on several processes with an `allgather`, each counts 1/process_count).
+  shuffle    one seeded global permutation of all chunks per epoch (grain's `MapDataset.shuffle`,
+             a fresh order every epoch), infinite repeat. A batch draws its chunks from the whole
+             split: a long document does not fill consecutive batches.
+  packing    grain first-fit packing of the chunks, by length only, into rows of length t = seq_len.
              segment_ids 1, 2, ... per packed chunk, 0 = padding. positions restart at 0 for every
              chunk (also for a chunk that continues a document), so positions < seq_len always.
-  batches    `global_batch_size` rows; each process keeps rows process_index::process_count.
+  batches    `global_batch_size` rows; each process keeps rows process_index::process_count and
+             reads and tokenizes only the documents of its rows (an LRU cache of `_CACHE_TOKENS`
+             tokens keeps the documents tokenized by the index pass and later reads).
 
 Batch = dict of numpy arrays, all [b, t]:
   inputs, targets  int32; PAD where segment_ids == 0. A target is always from the same chunk
@@ -21,11 +24,13 @@ Batch = dict of numpy arrays, all [b, t]:
   target_bytes     int32, UTF-8 bytes the target token stands for (0 for BOS/EOS/PAD): the
                    denominator of bits-per-byte for any tokenizer.
 
-Multi-process sharding: every process runs the same deterministic global row stream and keeps its
-own rows of each global batch. The union of a step's rows over processes is exactly the 1-process
-batch, so the data (and so the loss) is the same whatever the process count, and a checkpoint taken with N processes
-resumes with M. The cost: each process reads, tokenizes and packs all the data (process_count
-times the host work of a sharded reader) -- negligible for text at these sizes.
+Multi-process sharding: every process runs the same deterministic stream of chunk ids (cheap: no
+text) and materializes only its own rows of each global batch. The union of a step's rows over
+processes is exactly the 1-process batch, so the data (and so the loss) is the same whatever the
+process count, and a checkpoint taken with N processes resumes with M.
+
+Files are read through `etils.epath`, so `data.source` may be a remote glob (`gs://bucket/data/*.txt`;
+`**` only for local paths) and `data.tokenizer` a remote tokenizer.json.
 
 Default corpus ("stdlib"): every `.py` file under `sysconfig.get_paths()["stdlib"]`, including the
 standard library's own test suites (`test/`, `idle_test/`; ~1,800 files, ~31 MB on CPython 3.11),
@@ -42,7 +47,7 @@ lowest (for validation) or highest (for train) hash is moved over.
 
 from __future__ import annotations
 
-import copy
+import collections
 import dataclasses
 import glob
 import hashlib
@@ -50,11 +55,14 @@ import itertools
 import json
 import os
 import sysconfig
+from typing import Callable, Optional
 
 import grain
 import ml_collections
 import numpy as np
+from etils import epath
 
+from train import paths as paths_lib
 from train.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = [
@@ -67,12 +75,17 @@ __all__ = [
     "TrainIterator",
     "load_corpus",
     "Corpus",
+    "ChunkIndex",
+    "chunk_index",
 ]
 
 # Rows packed together by first-fit; fixed (not the batch size) so the row stream is the same for
 # any batch size.
 _PACKING_BINS = 64
-_STATE_VERSION = 1
+# 2: the global chunk shuffle (1 was the document shuffle + chunk window shuffle).
+_STATE_VERSION = 2
+# Tokens of tokenized documents kept in memory per pipeline (int32: 128 MiB).
+_CACHE_TOKENS = 1 << 25
 _WILDCARDS = "*?["
 
 
@@ -91,12 +104,10 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.seq_len = 256
     # Percent of files (by stable hash of the relative path) held out for validation, 0..100.
     c.val_percent = 5
-    # Seeds the per-epoch document shuffle and the chunk window shuffle.
+    # Seeds the per-epoch global shuffle of the chunks.
     c.seed = 0
-    # Shuffle documents (per epoch) and chunks (within `shuffle_window`) for training.
+    # Shuffle all chunks of the split (a new permutation every epoch); False keeps document order.
     c.shuffle = True
-    # Chunks (of <= seq_len tokens) in the window-shuffle buffer; 1 disables mixing.
-    c.shuffle_window = 1024
     return c
 
 
@@ -118,8 +129,6 @@ def _check_config(cfg) -> None:
         raise ValueError(f"data.val_percent must be in [0, 100], got {cfg.val_percent!r}")
     if not isinstance(cfg.source, str) or not cfg.source:
         raise ValueError(f"data.source must be 'stdlib' or a non-empty glob, got {cfg.source!r}")
-    if cfg.shuffle_window < 1:
-        raise ValueError(f"data.shuffle_window must be >= 1, got {cfg.shuffle_window!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,7 +149,7 @@ class Corpus:
 
     def __getitem__(self, i: int) -> str:
         f, start, end = (int(x) for x in self.docs[i])
-        with open(self.paths[f], "rb") as fh:
+        with epath.Path(self.paths[f]).open("rb") as fh:
             if end < 0:
                 raw = fh.read()
             else:
@@ -160,21 +169,34 @@ def _list_files(source: str) -> tuple[str, list[str]]:
             dirs[:] = [x for x in dirs if x not in ("site-packages", "dist-packages", "__pycache__")]
             paths += [os.path.join(d, f) for f in files if f.endswith(".py")]
         return root, sorted(paths)
-    pattern = os.path.expanduser(source)
-    if os.path.isdir(pattern):
-        raise ValueError(f"data.source={source!r} is a directory; give a glob such as {source.rstrip('/')}/**/*.txt")
-    parts = pattern.split(os.sep)
+    remote = paths_lib.is_remote(source)
+    pattern = source if remote else os.path.expanduser(source)
+    if epath.Path(pattern).is_dir():
+        raise ValueError(f"data.source={source!r} is a directory; give a glob such as {source.rstrip('/')}/*.txt")
+    parts = pattern.split("/")
     fixed = next((i for i, p in enumerate(parts) if any(c in p for c in _WILDCARDS)), len(parts) - 1)
-    root = os.path.abspath(os.sep.join(parts[:fixed]) or ".")
-    paths = sorted(os.path.abspath(p) for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+    if not remote:
+        root = os.path.abspath("/".join(parts[:fixed]) or ".")
+        paths = sorted(os.path.abspath(p) for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+    elif "**" in pattern:
+        raise ValueError(f"data.source={source!r}: '**' globs are local only (each level costs a listing on a "
+                         f"remote store); use one '*' per directory level")
+    else:
+        root = "/".join(parts[:fixed])
+        paths = sorted(str(p) for p in epath.Path(root).glob("/".join(parts[fixed:])) if p.is_file())
     if not paths:
-        raise ValueError(f"data.source={source!r}: the path/glob matched no files (cwd {os.getcwd()})")
+        where = "" if remote else f" (cwd {os.getcwd()})"
+        raise ValueError(f"data.source={source!r}: the path/glob matched no files{where}")
     return root, paths
+
+
+def _relative(path: str, root: str) -> str:
+    return path[len(root.rstrip("/")) + 1 :] if paths_lib.is_remote(path) else os.path.relpath(path, root)
 
 
 def _split_files(root: str, paths: list[str], val_percent: float) -> dict[str, list[str]]:
     """Deterministic by-file split (see module docstring)."""
-    keys = [int.from_bytes(hashlib.sha256(os.path.relpath(p, root).encode()).digest()[:8], "big") for p in paths]
+    keys = [int.from_bytes(hashlib.sha256(_relative(p, root).encode()).digest()[:8], "big") for p in paths]
     is_val = [k % 100 < val_percent for k in keys]
     if len(paths) >= 2 and 0 < val_percent < 100:
         ranked = sorted(range(len(paths)), key=lambda i: (keys[i] % 100, keys[i]))
@@ -194,11 +216,10 @@ def _index_documents(paths: list[str], fmt: str, field: str) -> np.ndarray:
     docs = []
     for f, path in enumerate(paths):
         if fmt == "text":
-            if os.path.getsize(path) > 0:
+            if epath.Path(path).stat().length > 0:
                 docs.append((f, 0, -1))
             continue
-        with open(path, "rb") as fh:
-            data = fh.read()
+        data = epath.Path(path).read_bytes()
         start = 0
         for lineno, line in enumerate(data.split(b"\n"), start=1):
             end = start + len(line)
@@ -237,96 +258,100 @@ def load_corpus(data_cfg, split: str) -> Corpus:
 
 
 # ----------------------------------------------------------------------------------------------
+# Chunk index: every chunk of every document, known before any batch is built.
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkIndex:
+    """Chunk c = tokens [start[c], start[c] + length[c] + 1) of document doc[c]'s [BOS] ids [EOS]:
+    `length[c]` (<= seq_len) inputs and as many targets; chunks of a document overlap by one token,
+    so every token but BOS is a target exactly once."""
+
+    doc: np.ndarray  # [c] int64
+    start: np.ndarray  # [c] int64
+    length: np.ndarray  # [c] int64
+
+    def __len__(self) -> int:
+        return len(self.doc)
+
+
+def chunk_index(doc_lengths: np.ndarray, seq_len: int) -> ChunkIndex:
+    """`doc_lengths[d]`: tokens of document d including BOS and EOS (>= 2)."""
+    lengths = np.asarray(doc_lengths, np.int64)
+    per_doc = (lengths - 1 + seq_len - 1) // seq_len  # [n] chunks per document
+    doc = np.repeat(np.arange(len(lengths)), per_doc)
+    first = np.cumsum(per_doc) - per_doc  # [n] index of each document's first chunk
+    start = (np.arange(len(doc)) - first[doc]) * seq_len
+    return ChunkIndex(doc, start, np.minimum(seq_len, lengths[doc] - 1 - start))
+
+
+class _Documents:
+    """[BOS] ids [EOS] of each document, read and tokenized on first use and kept in an LRU cache
+    of at most `budget` tokens (a cache miss reads and tokenizes the document again)."""
+
+    def __init__(self, corpus: Corpus, tok: Tokenizer, budget: int = _CACHE_TOKENS):
+        self.corpus, self._tok, self._budget = corpus, tok, budget
+        self._cache: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
+        self._cached_tokens = 0
+        self.reads = 0  # documents read and tokenized so far (tests check sharded reading with it)
+
+    def __call__(self, d: int) -> np.ndarray:
+        d = int(d)
+        ids = self._cache.get(d)
+        if ids is not None:
+            self._cache.move_to_end(d)
+            return ids
+        self.reads += 1
+        ids = np.concatenate([[self._tok.bos_id], self._tok.encode(self.corpus[d]), [self._tok.eos_id]]).astype(np.int32)
+        self._cache[d] = ids
+        self._cached_tokens += len(ids)
+        while self._cached_tokens > self._budget and len(self._cache) > 1:
+            self._cached_tokens -= len(self._cache.popitem(last=False)[1])
+        return ids
+
+    def lengths(self, *, process_index: int, process_count: int, allgather: Optional[Callable] = None) -> np.ndarray:
+        """[n] token count of every document. With `allgather` (an all-process gather of a [m] int64
+        array into [process_count, m]) each process tokenizes only documents process_index::process_count."""
+        n = len(self.corpus)
+        if allgather is None or process_count == 1:
+            return np.asarray([len(self(d)) for d in range(n)], np.int64)
+        m = -(-n // process_count)
+        local = np.full(m, -1, np.int64)
+        mine = range(process_index, n, process_count)
+        local[: len(mine)] = [len(self(d)) for d in mine]
+        gathered = np.asarray(allgather(local)).reshape(process_count, m)  # [p, m]
+        out = np.empty(n, np.int64)
+        for p in range(process_count):
+            out[p::process_count] = gathered[p, : len(range(p, n, process_count))]
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
 # Pipeline.
 
 
-class _Chunk(grain.experimental.FlatMapTransform):
-    """Token array [BOS .. EOS] -> windows of <= seq_len+1 tokens overlapping by one."""
-
-    def __init__(self, seq_len: int):
-        self.seq_len = seq_len
-        self.max_fan_out = 1 << 30  # unused by FlatMapIterDataset; documents have no length cap
-
-    def flat_map(self, tokens: np.ndarray):
-        windows = (tokens[s : s + self.seq_len + 1] for s in range(0, len(tokens) - 1, self.seq_len))
-        return [{"inputs": w[:-1], "targets": w[1:]} for w in windows]
-
-
-class _WindowShuffle(grain.IterDataset):
-    """Seeded permutation of each consecutive window of `window` elements (window k uses the
-    generator seeded by (seed, k)), checkpointed as (parent state at window start, k, position).
-
-    Same idea as grain.experimental.WindowShuffleIterDataset, which in grain 0.2.10 reuses the
-    previous window's seed after `set_state`, breaking bitwise resume.
-    """
-
-    def __init__(self, parent: grain.IterDataset, *, window: int, seed: int):
-        super().__init__(parent)
-        self._window, self._seed = window, seed
-
-    def __iter__(self):
-        return _WindowShuffleIterator(self._parent.__iter__(), window=self._window, seed=self._seed)
-
-
-class _WindowShuffleIterator(grain.DatasetIterator):
-    def __init__(self, parent: grain.DatasetIterator, *, window: int, seed: int):
-        super().__init__(parent)
-        self._window, self._seed = window, seed
-        self._start = copy.deepcopy(parent.get_state())  # parent state before the current window
-        self._index = 0  # windows started so far
-        self._pos = 0  # elements of the current window emitted so far
-        self._buffer = []  # the rest of the current window, next element last
-
-    def _fill(self) -> None:
-        self._start = copy.deepcopy(self._parent.get_state())
-        items = list(itertools.islice(self._parent, self._window))
-        order = np.random.default_rng([self._seed, self._index]).permutation(len(items))
-        self._buffer = [items[i] for i in order[::-1]]
-        self._index += 1
-        self._pos = 0
-
-    def __next__(self):
-        if not self._buffer:
-            self._fill()
-            if not self._buffer:
-                raise StopIteration
-        self._pos += 1
-        return self._buffer.pop()
-
-    def get_state(self) -> dict:
-        return {"parent": copy.deepcopy(self._start), "window_index": self._index, "pos_in_window": self._pos}
-
-    def set_state(self, state: dict) -> None:
-        self._parent.set_state(copy.deepcopy(state["parent"]))
-        self._buffer = []
-        self._index = state["window_index"]
-        if state["pos_in_window"]:  # inside window index-1: rebuild it and skip what was emitted
-            self._index -= 1
-            self._fill()
-            del self._buffer[len(self._buffer) - state["pos_in_window"] :]
-            self._pos = state["pos_in_window"]
-        else:
-            self._start = copy.deepcopy(state["parent"])
-            self._pos = 0
-
-
-def _finalize(packed: dict, *, tok: Tokenizer, rows: int, process_index: int, process_count: int) -> dict:
-    """Packed global batch -> the documented batch layout, this process's rows only."""
-    seg = packed["inputs_segment_ids"].astype(np.int32)  # [g, t]
-    valid = seg > 0
-    batch = {
-        "inputs": np.where(valid, packed["inputs"], tok.pad_id).astype(np.int32),
-        "targets": np.where(valid, packed["targets"], tok.pad_id).astype(np.int32),
-        "segment_ids": seg,
-        "positions": np.where(valid, packed["inputs_positions"], 0).astype(np.int32),
-    }
-    short = rows - seg.shape[0]  # only the last eval batch can be short: pad with empty rows
-    if short:
-        fill = {"inputs": tok.pad_id, "targets": tok.pad_id, "segment_ids": 0, "positions": 0}
-        batch = {k: np.concatenate([v, np.full((short, v.shape[1]), fill[k], np.int32)]) for k, v in batch.items()}
-    batch["loss_mask"] = (batch["segment_ids"] > 0).astype(np.float32)
-    batch["target_bytes"] = tok.token_bytes(batch["targets"]).astype(np.int32)
-    return {k: v[process_index::process_count] for k, v in batch.items()}
+def _rows(packed: dict, *, index: ChunkIndex, docs: _Documents, tok: Tokenizer, rows: int,
+          process_index: int, process_count: int) -> dict:
+    """Packed chunk ids of a global batch -> the documented batch layout of this process's rows,
+    reading and tokenizing only the documents those rows hold."""
+    chunk, seg_all, pos_all = packed["chunk"], packed["chunk_segment_ids"], packed["chunk_positions"]  # [g, t]
+    mine = range(process_index, rows, process_count)
+    t = chunk.shape[1]
+    inputs = np.full((len(mine), t), tok.pad_id, np.int32)
+    targets = np.full((len(mine), t), tok.pad_id, np.int32)
+    seg = np.zeros((len(mine), t), np.int32)
+    pos = np.zeros((len(mine), t), np.int32)
+    for i, r in enumerate(mine):
+        if r >= chunk.shape[0]:  # only the last eval batch can be short: its missing rows stay empty
+            continue
+        seg[i], pos[i] = seg_all[r], np.where(seg_all[r] > 0, pos_all[r], 0)
+        for s in range(1, int(seg_all[r].max(initial=0)) + 1):
+            (where,) = np.nonzero(seg_all[r] == s)
+            c = int(chunk[r, where[0]])
+            ids = docs(index.doc[c])[index.start[c] : index.start[c] + index.length[c] + 1]
+            inputs[i, where], targets[i, where] = ids[:-1], ids[1:]
+    return {"inputs": inputs, "targets": targets, "segment_ids": seg, "positions": pos,
+            "loss_mask": (seg > 0).astype(np.float32), "target_bytes": tok.token_bytes(targets).astype(np.int32)}
 
 
 def _check_processes(global_batch_size: int, process_index: int, process_count: int) -> None:
@@ -338,40 +363,37 @@ def _check_processes(global_batch_size: int, process_index: int, process_count: 
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
 
 
-def _pipeline(data_cfg, split: str, *, rows: int, train: bool, process_index: int, process_count: int):
+def _pipeline(data_cfg, split: str, *, rows: int, train: bool, process_index: int, process_count: int,
+              allgather: Optional[Callable] = None):
     tok = load_tokenizer(data_cfg)
-    corpus = load_corpus(data_cfg, split)
-    bos, eos = np.int32(tok.bos_id), np.int32(tok.eos_id)
-
-    def encode(text: str) -> np.ndarray:
-        return np.concatenate([[bos], tok.encode(text), [eos]]).astype(np.int32)
-
-    # Eval is shuffled too (with the same fixed seed, so it is deterministic): a few eval batches
-    # then sample many validation files instead of the first few in path order.
-    shuffle = data_cfg.shuffle
-    ds = grain.MapDataset.source(corpus)
-    if shuffle:
-        ds = ds.shuffle(seed=data_cfg.seed)  # a new permutation each epoch of the repeat below
+    docs = _Documents(load_corpus(data_cfg, split), tok)
+    index = chunk_index(docs.lengths(process_index=process_index, process_count=process_count, allgather=allgather),
+                        data_cfg.seq_len)
+    # One seeded permutation of all chunks per epoch (grain's index shuffle: resumable from the
+    # position alone). Eval is shuffled too, with the same fixed seed, so a few eval batches sample
+    # many validation documents rather than the first ones in path order.
+    ds = grain.MapDataset.range(len(index))
+    if data_cfg.shuffle:
+        ds = ds.shuffle(seed=data_cfg.seed)
     if train:
         ds = ds.repeat()
-    it = ds.map(encode).to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=16))
-    it = grain.experimental.FlatMapIterDataset(it, _Chunk(data_cfg.seq_len))
-    if shuffle and data_cfg.shuffle_window > 1:
-        it = _WindowShuffle(it, window=data_cfg.shuffle_window, seed=data_cfg.seed)
+    # Packing needs only each chunk's length: a placeholder of that length holding the chunk id.
+    ds = ds.map(lambda c: {"chunk": np.full(int(index.length[c]), c, np.int32)})
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=0))
     t = data_cfg.seq_len
-    it = grain.experimental.FirstFitPackIterDataset(
-        it, length_struct={"inputs": t, "targets": t}, num_packing_bins=_PACKING_BINS, shuffle_bins=False
-    )
+    it = grain.experimental.FirstFitPackIterDataset(it, length_struct={"chunk": t}, num_packing_bins=_PACKING_BINS,
+                                                    shuffle_bins=False)
     it = it.batch(rows, drop_remainder=train)
-    finalize = dict(tok=tok, rows=rows, process_index=process_index, process_count=process_count)
-    return it.map(lambda b: _finalize(b, **finalize)), len(corpus)
+    rows_of = dict(index=index, docs=docs, tok=tok, rows=rows, process_index=process_index, process_count=process_count)
+    return it.map(lambda b: _rows(b, **rows_of)), index, docs
 
 
-def _fingerprint(data_cfg, global_batch_size: int, num_docs: int) -> dict:
-    """What fixes the global row stream, checked on `set_state`; `num_docs` catches a corpus that
-    changed under the same glob (or a different Python's stdlib)."""
-    keys = ("source", "format", "jsonl_field", "tokenizer", "seq_len", "val_percent", "seed", "shuffle", "shuffle_window")
-    return {**{k: data_cfg[k] for k in keys}, "global_batch_size": global_batch_size, "num_docs": num_docs}
+def _fingerprint(data_cfg, global_batch_size: int, num_docs: int, num_chunks: int) -> dict:
+    """What fixes the global row stream, checked on `set_state`; `num_docs` and `num_chunks` catch a
+    corpus that changed under the same glob (or a different Python's stdlib)."""
+    keys = ("source", "format", "jsonl_field", "tokenizer", "seq_len", "val_percent", "seed", "shuffle")
+    return {**{k: data_cfg[k] for k in keys}, "global_batch_size": global_batch_size, "num_docs": num_docs,
+            "num_chunks": num_chunks}
 
 
 class TrainIterator:
@@ -383,9 +405,10 @@ class TrainIterator:
     different process count.
     """
 
-    def __init__(self, dataset, fingerprint: dict):
+    def __init__(self, dataset, fingerprint: dict, documents: _Documents):
         self._it = iter(dataset)
         self._fingerprint = fingerprint
+        self.documents = documents  # the reader (its `reads` count shows what this process read)
 
     def __iter__(self):
         return self
@@ -399,33 +422,41 @@ class TrainIterator:
 
     def set_state(self, state: dict) -> None:
         if state.get("version") != _STATE_VERSION:
-            raise ValueError(f"data iterator state version {state.get('version')!r} != {_STATE_VERSION}")
+            raise ValueError(f"data iterator state version {state.get('version')!r} != {_STATE_VERSION}: the "
+                             f"checkpoint was written by another version of the data pipeline (another order)")
         diff = {k: (v, self._fingerprint.get(k)) for k, v in state["stream"].items() if self._fingerprint.get(k) != v}
         if diff:
             raise ValueError(f"data iterator state is from a different stream; (saved, now) differ in {diff}")
         self._it.set_state(state["grain"])
 
 
-def make_train_iterator(data_cfg, *, global_batch_size: int, process_index: int = 0, process_count: int = 1) -> TrainIterator:
-    """Infinite training batches of global_batch_size // process_count rows (see module docstring)."""
+def make_train_iterator(data_cfg, *, global_batch_size: int, process_index: int = 0, process_count: int = 1,
+                        allgather: Optional[Callable] = None) -> TrainIterator:
+    """Infinite training batches of global_batch_size // process_count rows (see module docstring).
+
+    `allgather`: gathers a [m] int64 array from every process into [process_count, m] (the trainer
+    passes jax's `process_allgather`), so that the index pass is shared; without it each process
+    counts the tokens of every document itself.
+    """
     _check_processes(global_batch_size, process_index, process_count)
     data_cfg = _resolve(data_cfg)
-    ds, num_docs = _pipeline(data_cfg, "train", rows=global_batch_size, train=True,
-                             process_index=process_index, process_count=process_count)
-    return TrainIterator(ds, _fingerprint(data_cfg, global_batch_size, num_docs))
+    ds, index, docs = _pipeline(data_cfg, "train", rows=global_batch_size, train=True, process_index=process_index,
+                                process_count=process_count, allgather=allgather)
+    return TrainIterator(ds, _fingerprint(data_cfg, global_batch_size, len(docs.corpus), len(index)), docs)
 
 
-def make_eval_batches(data_cfg, *, batch_size: int, num_batches: int, process_index: int = 0, process_count: int = 1) -> list[dict]:
-    """The first `num_batches` batches of the validation split: documents and chunks shuffled with
-    the fixed `data.seed` (deterministic, and spread over many files rather than the first few).
+def make_eval_batches(data_cfg, *, batch_size: int, num_batches: int, process_index: int = 0, process_count: int = 1,
+                      allgather: Optional[Callable] = None) -> list[dict]:
+    """The first `num_batches` batches of the validation split: chunks shuffled with the fixed
+    `data.seed` (deterministic, and spread over many files rather than the first few).
 
     `batch_size` is global (each process gets batch_size // process_count rows, as in training).
     Fewer batches come back if the split runs out; the last one is then padded with empty rows
     (loss_mask 0), so every batch has the full shape.
     """
     _check_processes(batch_size, process_index, process_count)
-    ds, _ = _pipeline(_resolve(data_cfg), "validation", rows=batch_size, train=False,
-                   process_index=process_index, process_count=process_count)
+    ds, _, _ = _pipeline(_resolve(data_cfg), "validation", rows=batch_size, train=False,
+                         process_index=process_index, process_count=process_count, allgather=allgather)
     return list(itertools.islice(ds, num_batches))
 
 

@@ -17,6 +17,7 @@ import re
 from typing import Protocol
 
 import numpy as np
+from etils import epath
 
 
 class Tokenizer(Protocol):
@@ -95,11 +96,16 @@ class HFTokenizer:
     def __init__(self, path: str):
         import tokenizers  # local: only needed for this tokenizer
 
-        if os.path.isdir(path) and os.path.isfile(os.path.join(path, "tokenizer.json")):
-            path = os.path.join(path, "tokenizer.json")  # a Hugging Face model directory
-        if not os.path.isfile(path):
+        p = epath.Path(path)
+        if p.is_dir() and (p / "tokenizer.json").is_file():
+            p = p / "tokenizer.json"  # a Hugging Face model directory
+        if not p.is_file():
             raise ValueError(f"data.tokenizer: {path!r} is neither 'byte' nor an existing tokenizer.json file")
-        self._tok = tokenizers.Tokenizer.from_file(path)
+        try:
+            self._tok = tokenizers.Tokenizer.from_str(p.read_text())
+        except Exception as e:  # noqa: BLE001 -- tokenizers raises a bare Exception for a malformed file
+            raise ValueError(f"data.tokenizer: cannot read {str(p)!r} as a Hugging Face tokenizer.json "
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
         # Text that spells a special token ("<s>" in a source file) is encoded as plain text.
         self._tok.encode_special_tokens = True
         base = self._tok.get_vocab_size(with_added_tokens=True)
@@ -159,4 +165,5 @@ def load_tokenizer(data_cfg) -> Tokenizer:
     """`data_cfg.tokenizer`: "byte", or a Hugging Face tokenizer.json (or a directory holding one)."""
     if data_cfg.tokenizer == "byte":
         return ByteTokenizer()
-    return HFTokenizer(os.path.expanduser(data_cfg.tokenizer))
+    path = data_cfg.tokenizer
+    return HFTokenizer(path if "://" in path else os.path.expanduser(path))

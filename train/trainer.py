@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import jax
+from jax.experimental import multihost_utils
 
 from model.config import ModelConfig
 from train import data as data_lib
@@ -123,12 +124,12 @@ def train_and_evaluate(config, workdir: str, *, on_step: Optional[Callable[[int]
 
     # ---- data ----
     pi, pc = jax.process_index(), jax.process_count()
-    train_iter = data_lib.make_train_iterator(config.data, global_batch_size=tc.global_batch_size,
-                                              process_index=pi, process_count=pc)
+    shards = dict(process_index=pi, process_count=pc, allgather=multihost_utils.process_allgather if pc > 1 else None)
+    train_iter = data_lib.make_train_iterator(config.data, global_batch_size=tc.global_batch_size, **shards)
     if data_state is not None:
         train_iter.set_state(data_state)
     eval_batches = data_lib.make_eval_batches(config.data, batch_size=tc.global_batch_size,
-                                              num_batches=tc.eval_batches, process_index=pi, process_count=pc)
+                                              num_batches=tc.eval_batches, **shards)
     eval_batches = [sharding.global_batch(b, mesh) for b in eval_batches]
 
     # ---- compiled steps: state keeps its shardings, batches are split over the batch axes ----

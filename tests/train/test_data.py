@@ -100,7 +100,7 @@ def test_eval_pass_is_exactly_the_chunked_validation_docs(tmp_path):
 
 def test_train_pieces_come_from_train_docs(tmp_path):
     glob_, texts = _write_text_corpus(tmp_path)
-    cfg = _cfg(source=glob_, seq_len=16, val_percent=50, shuffle_window=8)
+    cfg = _cfg(source=glob_, seq_len=16, val_percent=50)
     by_path = {os.path.abspath(str(tmp_path / "corpus" / f"doc_{i:03d}.txt")): t for i, t in enumerate(texts)}
     allowed = set(_expected_pieces(_split_texts(cfg, by_path, "train"), 16))
     it = data.make_train_iterator(cfg, global_batch_size=4)
@@ -134,7 +134,7 @@ def test_small_corpus_gets_both_splits(tmp_path):
 @pytest.mark.parametrize("n_before", [0, 1, 7, 23])
 def test_resume_is_bitwise(tmp_path, n_before):
     glob_, _ = _write_text_corpus(tmp_path)
-    cfg = _cfg(source=glob_, seq_len=16, val_percent=20, shuffle_window=16)
+    cfg = _cfg(source=glob_, seq_len=16, val_percent=20)
     it = data.make_train_iterator(cfg, global_batch_size=4)
     for _ in range(n_before):
         next(it)
@@ -149,23 +149,76 @@ def test_resume_is_bitwise(tmp_path, n_before):
             np.testing.assert_array_equal(got[k], want[k])
 
 
-def test_window_shuffle_resumes_at_every_position():
-    import grain
+def _numbered_corpus(tmp_path, n_docs, repeats):
+    """Document i is "i " repeated: any 16-byte piece of it names its document."""
+    d = tmp_path / "numbered"
+    d.mkdir()
+    for i in range(n_docs):
+        (d / f"doc_{i:03d}.txt").write_text(f"{i:03d} " * repeats)
+    return str(d / "*.txt")
 
-    def make():
-        return iter(data._WindowShuffle(grain.MapDataset.range(37).to_iter_dataset(), window=8, seed=3))
 
-    ref = list(make())
-    assert sorted(ref) == list(range(37)) and ref != list(range(37))
-    for n in range(38):
-        it = make()
-        for _ in range(n):
-            next(it)
-        restored = make()
-        restored.set_state(json.loads(json.dumps(it.get_state())))
-        again = make()  # a state taken right after a restore restores too
-        again.set_state(restored.get_state())
-        assert list(restored) == ref[n:] and list(again) == ref[n:]
+def _docs_of(batch, rows=None):
+    """Document numbers of each row's pieces (see `_numbered_corpus`)."""
+    out = []
+    for inp, seg in zip(batch["inputs"], batch["segment_ids"]):
+        pieces = [bytes(int(x) for x in inp[seg == s] if x < 256).decode() for s in range(1, seg.max() + 1)]
+        out.append({int(w) for p in pieces for w in p.split() if len(w) == 3})
+    return out
+
+
+def test_a_batch_mixes_many_documents(tmp_path):
+    # 40 documents of ~300 chunks each. A document-order stream that shuffles only within a window
+    # of chunks draws a batch of 8 rows from ~3 consecutive documents; a global chunk shuffle draws
+    # from ~7.4 of them (8 draws from 40 equally likely documents).
+    cfg = _cfg(source=_numbered_corpus(tmp_path, 40, 1200), seq_len=16, val_percent=0)
+    it = data.make_train_iterator(cfg, global_batch_size=8)
+    distinct = [len(set().union(*_docs_of(next(it)))) for _ in range(25)]
+    assert np.mean(distinct) >= 6.5, distinct
+    assert min(distinct) >= 4, distinct
+
+
+def test_each_process_reads_only_its_rows(tmp_path):
+    cfg = _cfg(source=_numbered_corpus(tmp_path, 40, 1200), seq_len=16, val_percent=0)
+    parts = [data.make_train_iterator(cfg, global_batch_size=8, process_index=p, process_count=2,
+                                      allgather=None) for p in range(2)]
+    for it in parts:  # drop the documents the index pass tokenized: count only what the rows need
+        it.documents._cache.clear()
+        it.documents._cached_tokens = it.documents.reads = 0
+    needed = [set(), set()]
+    for _ in range(3):
+        for p, it in enumerate(parts):
+            needed[p] |= set().union(*_docs_of(next(it)))
+    for p, it in enumerate(parts):
+        assert it.documents.reads == len(needed[p]) and set(it.documents._cache) == needed[p]
+    assert needed[0] != needed[1]
+
+
+def test_index_pass_is_shared_with_allgather(tmp_path):
+    glob_, texts = _write_text_corpus(tmp_path, n=23)
+    cfg = _cfg(source=glob_, seq_len=16, val_percent=0)
+    tok, corpus = data.load_tokenizer(cfg), data.load_corpus(cfg, "train")
+    readers = [data._Documents(corpus, tok) for _ in range(3)]
+
+    def allgather(local):  # what jax's process_allgather returns, the other processes' shards computed here
+        shards = [readers[p].lengths(process_index=p, process_count=3, allgather=None)[p::3] for p in (0, 1, 2)]
+        m = len(local)
+        return np.stack([np.pad(x, (0, m - len(x)), constant_values=-1) for x in shards])
+
+    got = readers[1].lengths(process_index=1, process_count=3, allgather=allgather)
+    want = [len(corpus[d].encode()) + 2 for d in range(len(corpus))]
+    assert got.tolist() == want
+    solo = data._Documents(corpus, tok)
+    solo.lengths(process_index=1, process_count=3, allgather=lambda x: np.stack([x, x, x]))
+    assert solo.reads == len(range(1, len(corpus), 3))  # only its own third was tokenized
+
+
+def test_chunk_index():
+    index = data.chunk_index(np.array([2, 5, 6, 3]), seq_len=2)
+    # doc 0: [B E] -> 1 chunk; doc 1: 5 tokens -> inputs 0-1, 2-3; doc 2: 6 -> 0-1, 2-3, 4; doc 3: 0-1
+    assert index.doc.tolist() == [0, 1, 1, 2, 2, 2, 3]
+    assert index.start.tolist() == [0, 0, 2, 0, 2, 4, 0]
+    assert index.length.tolist() == [1, 2, 2, 2, 2, 1, 2]
 
 
 def test_resume_rejects_other_stream(tmp_path):
