@@ -5,13 +5,18 @@
 Writes ``loss.png`` (train loss, main / MTP / balance loss, eval loss vs step) and, when the run
 logged them, ``expert_load.png`` (per MoE layer: experts x steps heatmap of the fraction of
 assignments each expert received, plus a layers x steps MaxVio heatmap). Prints the paths.
+
+The workdir may be remote (``gs://...``, through ``etils.epath``). Lines superseded by a resume
+are never drawn (``read_metrics``), so no line runs back in time, also for a ``metrics.jsonl``
+written before the trainer took them out itself.
 """
 
 from __future__ import annotations
 
+import io
+import itertools
 import json
 import sys
-from pathlib import Path
 
 import matplotlib
 
@@ -19,13 +24,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
+from etils import epath  # noqa: E402
+
+from train.paths import resolve  # noqa: E402
 
 _LOSS_KEYS = ("loss", "main_loss", "mtp_loss", "eval_loss")
 
 
 def read_metrics(workdir) -> list[dict]:
-    """Parses ``<workdir>/metrics.jsonl``; skips a torn last line of a killed run."""
-    path = Path(workdir) / "metrics.jsonl"
+    """Parses ``<workdir>/metrics.jsonl``; skips a torn last line of a killed run and drops superseded lines."""
+    path = resolve(workdir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: is --workdir the run's workdir (the one holding "
                                 f"metrics.jsonl)?")
@@ -37,7 +45,25 @@ def read_metrics(workdir) -> list[dict]:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
             print(f"warning: {path}:{i} is not valid JSON; skipped", file=sys.stderr)
-    return rows
+    return drop_superseded(rows)
+
+
+def drop_superseded(rows: list[dict]) -> list[dict]:
+    """The lines a resumed run did not redo. A line for a step at or before one already seen of its
+    kind (train or eval), or before the newest step, starts a resume: every earlier line for that
+    step or later is dropped. The result's steps never decrease."""
+    kept: list[dict] = []
+    for r in rows:
+        step, is_eval = r["step"], _is_eval(r)
+        tail = itertools.takewhile(lambda k: k["step"] == step, reversed(kept))  # kept is sorted by step
+        if (kept and step < kept[-1]["step"]) or any(_is_eval(k) == is_eval for k in tail):
+            kept = [k for k in kept if k["step"] < step]
+        kept.append(r)
+    return kept
+
+
+def _is_eval(row: dict) -> bool:
+    return any(k.startswith("eval_") for k in row)
 
 
 def _series(rows, key):
@@ -45,7 +71,7 @@ def _series(rows, key):
     return (np.array([p[0] for p in pts]), np.array([p[1] for p in pts], float)) if pts else None
 
 
-def plot_losses(rows, out: Path, logy: bool = False) -> Path:
+def plot_losses(rows, out: epath.Path, logy: bool = False) -> epath.Path:
     fig, (ax, ax_bal) = plt.subplots(1, 2, figsize=(12, 4.5))
     for key in _LOSS_KEYS:
         s = _series(rows, key)
@@ -61,13 +87,10 @@ def plot_losses(rows, out: Path, logy: bool = False) -> Path:
     if ax.lines:
         ax.legend()
     fig.tight_layout()
-    path = out / "loss.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "loss.png")
 
 
-def plot_expert_load(rows, out: Path) -> Path | None:
+def plot_expert_load(rows, out: epath.Path) -> epath.Path | None:
     rows = [r for r in rows if r.get("expert_load") is not None]
     if not rows:
         return None
@@ -91,16 +114,21 @@ def plot_expert_load(rows, out: Path) -> Path | None:
         fig.colorbar(im, ax=ax)
     ax.set(xlabel="step", ylabel="MoE layer", title="MaxVio (max load / mean load - 1)")
     fig.tight_layout()
-    path = out / "expert_load.png"
-    fig.savefig(path, dpi=110)
+    return _save(fig, out / "expert_load.png")
+
+
+def _save(fig, path: epath.Path) -> epath.Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
+    path.write_bytes(buf.getvalue())
     return path
 
 
-def plot_workdir(workdir, out=None, logy: bool = False) -> list[Path]:
+def plot_workdir(workdir, out=None, logy: bool = False) -> list[epath.Path]:
     """Draws every plot for ``workdir`` into ``out`` (default: the workdir); returns the paths."""
-    rows = read_metrics(workdir)
-    out = Path(out or workdir)
+    rows = read_metrics(workdir)  # first: a mistyped --workdir creates nothing
+    out = resolve(out or workdir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [plot_losses(rows, out, logy)]
     load = plot_expert_load(rows, out)

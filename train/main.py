@@ -3,10 +3,15 @@
 Several processes (hosts): start the same command on each, with ``--coordinator_address``,
 ``--num_processes`` and ``--process_id`` (or the env of ``train/distributed.py``; ``--distributed``
 on Cloud TPU pod slices). All processes need the same ``--workdir`` (a shared disk or bucket).
+
+A bad input (config file, config value, data, tokenizer, checkpoint) ends the run with one line,
+``error: ...``, and exit status 1, before anything is written; ``--traceback`` shows the Python
+traceback instead.
 """
 
 import datetime
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -19,13 +24,33 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() and let jax "
                                  "detect the cluster (Cloud TPU pod slices, SLURM, Open MPI).")
+_TRACEBACK = flags.DEFINE_bool("traceback", False, "On an error, show the Python traceback, not one line.")
 flags.mark_flags_as_required(["config"])
+
+# Errors that name a bad input and need no traceback: config, data, tokenizer, checkpoint errors
+# (CheckpointMismatchError is a ValueError, CorruptCheckpointError and NonFiniteError RuntimeErrors).
+_USER_ERRORS = (ValueError, OSError, RuntimeError)
+
+
+def _load_config():
+    """The config, or exit with one line naming the file if it could not be read. (A config file
+    that raises while it runs already failed during flag parsing, with its traceback.)"""
+    config = _CONFIG.value
+    try:
+        config.get("train")  # config_flags defers a missing file's error to the first access
+    except OSError as e:
+        if _TRACEBACK.value:
+            raise
+        why = [line.strip() for line in str(e).splitlines() if line.strip()][-1]
+        sys.exit(f"error: cannot read --config={flags.FLAGS['config'].config_filename}: {why}")
+    return config
 
 
 def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint operation at INFO
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    config = _load_config()  # before anything is created
     workdir = _WORKDIR.value
     if workdir is None:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -33,9 +58,15 @@ def main(argv):
         workdir = os.path.join("runs", f"{name}-{stamp}")
     from train import distributed  # before any device is touched
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, force=_DISTRIBUTED.value)
-    print(f"workdir: {os.path.abspath(workdir)}", flush=True)
+    from train.paths import resolve
+    print(f"workdir: {resolve(workdir)}", flush=True)
     from train.trainer import train_and_evaluate  # after flag parsing: jax starts here
-    summary = train_and_evaluate(_CONFIG.value, workdir)
+    try:
+        summary = train_and_evaluate(config, workdir)
+    except _USER_ERRORS as e:
+        if _TRACEBACK.value:
+            raise
+        sys.exit(f"error: {type(e).__name__}: {e}")
     print("summary: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
 
 

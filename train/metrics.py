@@ -1,12 +1,20 @@
-"""Run logging: ``metrics.jsonl`` + TensorBoard + a tqdm bar, and the run's provenance files.
+"""Run logging: ``metrics.jsonl`` + TensorBoard + a tqdm bar (provenance files: ``train/provenance.py``).
 
-Files written into the workdir (process 0 only)::
+Files written into the workdir (process 0 only; local or remote, through ``etils.epath``)::
 
-    metrics.jsonl   one JSON object per ``write``: {"step": int, **metrics}
-    tb/             TensorBoard event files (scalars; 1-D lists as <key>/<i>)
-    config.json     the resolved experiment config
-    run_info.json   git revision, package versions, devices
-    summary.json    final numbers of the run
+    metrics.jsonl             one JSON object per ``write``: {"step": int, **metrics}
+    metrics.superseded.jsonl  lines a resume took out of metrics.jsonl (see below)
+    tb/                       TensorBoard event files (scalars; 1-D lists as <key>/<i>)
+
+**Resumes.** A run restarted from the checkpoint of step S (``start_step=S``) redoes the steps after
+S, so the lines the interrupted run wrote for them are orphans: they move, in their order, to
+``metrics.superseded.jsonl`` (nothing is lost) and ``metrics.jsonl`` keeps only steps <= S, so its
+steps never run back in time. TensorBoard gets ``purge_step=S+1`` (its reader then drops the
+orphaned events of earlier event files).
+
+**Remote workdirs** (``gs://...``): an object store has no append, so ``metrics.jsonl`` and the
+event file are uploaded whole at most every ``remote_flush_secs`` and at every ``flush()`` (the
+trainer flushes before each checkpoint, so every line up to a checkpoint is stored with it).
 
 ``metrics.jsonl`` is strict JSON: NaN and +-inf are written as ``null`` (``json.loads`` and
 pandas read them back as None / NaN). Values are Python ints, floats, or nested lists of them.
@@ -19,21 +27,20 @@ Eval lines: eval_loss, eval_perplexity, eval_bits_per_byte.
 
 from __future__ import annotations
 
-import importlib.metadata
+import io
 import json
 import math
-import os
-import platform
-import subprocess
-import sys
-from pathlib import Path
+import time
 from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 
-_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy")
-_REPO_DIR = Path(__file__).resolve().parents[1]
+from train import paths as paths_lib
+
+METRICS_FILE = "metrics.jsonl"
+SUPERSEDED_FILE = "metrics.superseded.jsonl"
 # Console postfix: metric key -> short label.
 _POSTFIX = {"loss": "loss", "lr": "lr", "tokens_per_sec": "tok/s"}
 
@@ -41,23 +48,32 @@ _POSTFIX = {"loss": "loss", "lr": "lr", "tokens_per_sec": "tok/s"}
 class MetricWriter:
     """Appends metrics to JSONL and TensorBoard and drives a console progress bar.
 
-    Only process 0 writes; on other processes every method is a no-op.
+    ``start_step``: the step the run starts after (0 = from scratch, S = resumed from step S);
+    lines of an earlier run for later steps are superseded (module docstring); their count is
+    ``self.superseded``. Only process 0 writes; on other processes every method is a no-op.
     """
 
-    def __init__(self, workdir, *, total_steps: int, enable_tensorboard: bool = True, console: bool = True):
-        self.workdir = Path(workdir)
+    def __init__(self, workdir, *, total_steps: int, start_step: int = 0, enable_tensorboard: bool = True,
+                 console: bool = True, remote_flush_secs: float = 30.0):
+        self.workdir = paths_lib.resolve(workdir)
         self._active = jax.process_index() == 0
         self._file = self._tb = self._bar = None
+        self.superseded = 0
         if not self._active:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.workdir / "metrics.jsonl", "a", encoding="utf-8")
+        self.superseded = supersede_after(self.workdir, start_step)
+        self._file = AppendLog(self.workdir / METRICS_FILE, flush_secs=remote_flush_secs)
         if enable_tensorboard:
             from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(str(self.workdir / "tb"))
+            logdir = self.workdir / "tb"
+            if paths_lib.is_remote(logdir):
+                _register_remote_event_files(str(logdir).split("://")[0])
+            self._tb = SummaryWriter(str(logdir), purge_step=start_step + 1,
+                                     flush_secs=remote_flush_secs if paths_lib.is_remote(logdir) else 120)
         if console:
             from tqdm import tqdm
-            self._bar = tqdm(total=total_steps, dynamic_ncols=True, unit="step", smoothing=0.1)
+            self._bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, unit="step", smoothing=0.1)
 
     def write(self, step: int, metrics: dict):
         """Records ``metrics`` at ``step`` (one device->host transfer for the whole dict)."""
@@ -66,7 +82,6 @@ class MetricWriter:
         values = {k: to_python(v) for k, v in jax.device_get(dict(metrics)).items()}
         line = {"step": int(step), **values}
         self._file.write(json.dumps(line, allow_nan=False) + "\n")
-        self._file.flush()
         if self._tb is not None:
             for k, v in values.items():
                 if isinstance(v, list):  # 1-D lists per element; nested (expert_load) only in JSONL
@@ -75,7 +90,8 @@ class MetricWriter:
                             self._tb.add_scalar(f"{k}/{i}", _tb_float(x), int(step))
                 elif isinstance(v, (int, float)) or v is None:
                     self._tb.add_scalar(k, _tb_float(v), int(step))
-            self._tb.flush()
+            if not paths_lib.is_remote(self.workdir):
+                self._tb.flush()
         if self._bar is not None:
             if step > self._bar.n:
                 self._bar.update(int(step) - self._bar.n)
@@ -95,6 +111,13 @@ class MetricWriter:
             self._bar.write(msg)
         else:
             print(msg, flush=True)
+
+    def flush(self):
+        """Stores everything written so far (on a remote workdir: uploads now)."""
+        if self._file is not None:
+            self._file.flush()
+        if self._tb is not None:
+            self._tb.flush()
 
     def close(self):
         if self._file is not None:
@@ -143,65 +166,90 @@ def _short(v) -> str:
     return str(v)
 
 
-def _dump(path: Path, obj: Any):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str, allow_nan=False) + "\n")
-    os.replace(tmp, path)  # a reader never sees a half-written file
-
-
-def write_summary(workdir, summary: dict) -> Path:
-    """``<workdir>/summary.json`` (process 0)."""
-    path = Path(workdir) / "summary.json"
-    if jax.process_index() == 0:
-        _dump(path, to_python(jax.device_get(dict(summary))))
-    return path
-
-
-def _git(*args, repo_dir) -> str | None:
-    try:
-        return subprocess.run(["git", *args], cwd=repo_dir, capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def git_revision(repo_dir=_REPO_DIR) -> str:
-    """``git rev-parse HEAD`` of the code's repo; "unknown" if it is not a git checkout."""
-    return _git("rev-parse", "HEAD", repo_dir=repo_dir) or "unknown"
-
-
-def git_dirty(repo_dir=_REPO_DIR) -> bool | None:
-    """True if tracked files differ from HEAD; None if unknown."""
-    out = _git("status", "--porcelain", "--untracked-files=no", repo_dir=repo_dir)
-    return None if out is None else bool(out)
-
-
-def package_versions() -> dict:
-    out = {}
-    for name in _PACKAGES:
+def supersede_after(workdir, step: int) -> int:
+    """Moves the lines of ``<workdir>/metrics.jsonl`` for steps after ``step`` (and torn lines) to
+    ``metrics.superseded.jsonl``, keeping their order; returns how many moved."""
+    path = epath.Path(workdir) / METRICS_FILE
+    if not path.exists():
+        return 0
+    keep, moved = [], []
+    for line in path.read_text().splitlines(keepends=True):
+        if not line.strip():
+            continue
         try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    out["python"] = platform.python_version()
-    return out
+            later = int(json.loads(line)["step"]) > step
+        except (ValueError, KeyError, TypeError):
+            later = True  # a torn last line of a killed run
+        (moved if later else keep).append(line if line.endswith("\n") else line + "\n")
+    if moved:
+        old = epath.Path(workdir) / SUPERSEDED_FILE
+        previous = old.read_text() if old.exists() else ""
+        paths_lib.write_atomic(old, previous + "".join(moved))
+        paths_lib.write_atomic(path, "".join(keep))
+    return len(moved)
 
 
-def write_run_info(workdir, config_dict) -> dict:
-    """``config.json`` (resolved config) and ``run_info.json`` (git, versions, devices)."""
-    if hasattr(config_dict, "to_dict"):  # ml_collections.ConfigDict
-        config_dict = config_dict.to_dict()
-    info = {
-        "git_revision": git_revision(),
-        "git_dirty": git_dirty(),
-        "packages": package_versions(),
-        "backend": jax.default_backend(),
-        "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
-        "process_count": jax.process_count(),
-        "command": " ".join(sys.argv),
-    }
-    if jax.process_index() == 0:
-        _dump(Path(workdir) / "config.json", config_dict)
-        _dump(Path(workdir) / "run_info.json", info)
-    return info
+class AppendLog:
+    """A text file that only grows. Local: appended and flushed line by line. Remote (no append on
+    an object store): the whole text is uploaded at most every ``flush_secs`` and on ``flush()``."""
+
+    def __init__(self, path: epath.Path, *, flush_secs: float):
+        self._path, self._flush_secs = path, flush_secs
+        self._remote = paths_lib.is_remote(path)
+        if self._remote:
+            self._text = [path.read_text()] if path.exists() else []
+            self._dirty, self._last = False, time.monotonic()
+            self._fh = None
+        else:
+            self._fh = open(path, "a", encoding="utf-8")
+
+    def write(self, text: str):
+        if not self._remote:
+            self._fh.write(text)
+            self._fh.flush()
+            return
+        self._text.append(text)
+        self._dirty = True
+        if time.monotonic() - self._last >= self._flush_secs:
+            self.flush()
+
+    def flush(self):
+        if self._remote and self._dirty:
+            self._path.write_text("".join(self._text))
+            self._dirty, self._last = False, time.monotonic()
+
+    def close(self):
+        self.flush()
+        if self._fh is not None:
+            self._fh.close()
+
+
+class _RemoteEventFile:
+    """tensorboardX record file on a remote store: the events so far, uploaded whole on ``flush``."""
+
+    def __init__(self, path: str):
+        self._path, self._buf = epath.Path(path), io.BytesIO()
+
+    def write(self, data: bytes):
+        self._buf.write(data)
+
+    def flush(self):
+        self._path.write_bytes(self._buf.getvalue())
+
+    def close(self):
+        self.flush()
+
+
+class _RemoteEventFiles:
+    """tensorboardX writer factory for a URL scheme, through epath (gcsfs / tf.io.gfile for gs://)."""
+
+    def open(self, path: str):
+        return _RemoteEventFile(path)
+
+    def directory_check(self, path: str):
+        epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def _register_remote_event_files(scheme: str):
+    from tensorboardX import record_writer
+    record_writer.register_writer_factory(scheme, _RemoteEventFiles())

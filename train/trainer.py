@@ -3,7 +3,10 @@
 ``train_and_evaluate(config, workdir)`` is all ``train/main.py`` calls. It resumes from the newest
 checkpoint in ``workdir`` if there is one (refusing one written for a different model), trains
 ``config.train.steps`` optimizer steps, evaluates and checkpoints periodically and at the end,
-and writes ``summary.json``. SIGTERM (preemption) saves a checkpoint and returns cleanly.
+and writes ``summary.json``. SIGTERM (preemption) saves a checkpoint and returns cleanly. A resume
+announces and records config fields that differ from the checkpoint's, and takes the interrupted
+run's metric lines after the checkpoint out of ``metrics.jsonl`` (``train/metrics.py``); rerunning a
+finished run changes nothing. ``workdir`` may be local or a URL (``gs://bucket/run``, ``train/paths.py``).
 
 Parallelism (``train/sharding.py``): the mesh ``config.mesh`` spans every device of every process;
 params and Adam moments are created, restored and updated with the shardings of the logical-axis
@@ -16,7 +19,6 @@ from __future__ import annotations
 import json
 import signal
 import time
-from pathlib import Path
 from typing import Callable, Optional
 
 import jax
@@ -24,10 +26,12 @@ from jax.experimental import multihost_utils
 
 from model.config import ModelConfig
 from train import data as data_lib
+from train import paths as paths_lib
+from train import provenance
 from train import sharding
 from train.checkpoint import Checkpointer
 from train.flops import model_flops_per_token, peak_flops
-from train.metrics import MetricWriter, write_run_info, write_summary
+from train.metrics import MetricWriter
 from train.optimizer import make_optimizer, make_schedule
 from train.state import abstract_state, init_state
 from train.step import eval_metrics, make_eval_step, sharded_train_step
@@ -57,6 +61,9 @@ def _check_batch_config(config) -> None:
                          f"train.microbatches={t.microbatches} x processes={jax.process_count()}")
     if t.steps <= 0:
         raise ValueError(f"train.steps must be > 0, got {t.steps}")
+    for name in ("eval_every", "checkpoint_every", "log_every", "eval_batches"):
+        if t[name] < 1:
+            raise ValueError(f"train.{name} must be >= 1, got {t[name]}")
 
 
 def _load_init_checkpoint(path: str, state: dict, model_dict: dict) -> dict:
@@ -75,10 +82,9 @@ def _load_init_checkpoint(path: str, state: dict, model_dict: dict) -> dict:
 
 def train_and_evaluate(config, workdir: str, *, on_step: Optional[Callable[[int], None]] = None) -> dict:
     """Train ``config`` in ``workdir``; returns the summary dict. ``on_step(step)`` is a test hook."""
-    workdir = Path(workdir).absolute()  # orbax needs absolute paths; the default workdir is relative
-    workdir.mkdir(parents=True, exist_ok=True)
     tc = config.train
     _check_batch_config(config)
+    workdir = paths_lib.resolve(workdir)  # absolute (orbax needs it); a gs:// URL stays a URL
 
     # ---- mesh: every device of every process; refuse a misfit before compiling anything ----
     mesh = sharding.make_mesh(config.mesh)
@@ -96,6 +102,7 @@ def train_and_evaluate(config, workdir: str, *, on_step: Optional[Callable[[int]
     model_dict = cfg.identity()
 
     # ---- checkpoints: refuse a different model before doing any work ----
+    workdir.mkdir(parents=True, exist_ok=True)  # only now: a bad config or tokenizer leaves no trace
     ckpt = Checkpointer(workdir / "checkpoints", keep=tc.keep_checkpoints, save_every=tc.checkpoint_every,
                         async_save=tc.async_checkpoint)
     tx = make_optimizer(config.optimizer, tc.steps)
@@ -104,14 +111,31 @@ def train_and_evaluate(config, workdir: str, *, on_step: Optional[Callable[[int]
     state_sh = sharding.tree_shardings(abstract, mesh)  # restores onto this mesh, whatever wrote it
     restored = ckpt.restore(sharding.with_shardings(abstract, state_sh), expected_model=model_dict,
                             allow_fallback=tc.restore_fallback)
+    start_step = 0 if restored is None else restored[0]
+    config_json = json.loads(config.to_json_best_effort())
+    if start_step >= tc.steps and (done := provenance.read_summary(workdir)) is not None:
+        ckpt.close()
+        if jax.process_index() == 0:
+            print(f"{workdir} holds a finished run (checkpoint step {start_step}, train.steps={tc.steps}): "
+                  f"nothing to do, nothing changed. Raise train.steps to train further.", flush=True)
+        return done
+    changes = {} if restored is None else provenance.config_changes(restored[3].get("config", {}), config_json)
 
-    writer = MetricWriter(workdir, total_steps=tc.steps, enable_tensorboard=tc.tensorboard, console=tc.progress)
-    write_run_info(workdir, config.to_dict())
+    writer = MetricWriter(workdir, total_steps=tc.steps, start_step=start_step, enable_tensorboard=tc.tensorboard,
+                          console=tc.progress)
+    provenance.write_run_info(workdir, config.to_dict(), start_step=start_step, changes=changes,
+                              superseded_lines=writer.superseded)
+    if writer.superseded:
+        writer.log(f"Moved {writer.superseded} metric lines after step {start_step} (written by the interrupted "
+                   f"run) to metrics.superseded.jsonl")
 
     # ---- state ----
     if restored is not None:
         start_step, state, data_state, _ = restored
         writer.log(f"Resumed from {ckpt.directory}/{start_step}")
+        if changes:
+            writer.log(f"Config changed since that checkpoint (recorded in run_info.json): "
+                       f"{provenance.format_changes(changes)}")
     else:
         start_step, data_state = 0, None
         state = sharding.create(lambda: init_state(cfg, tx, tc.seed)[1], state_sh, mesh)
@@ -154,7 +178,8 @@ def train_and_evaluate(config, workdir: str, *, on_step: Optional[Callable[[int]
         return m
 
     def save(step: int, force: bool = False):
-        meta = {"model": model_dict, "config": json.loads(config.to_json_best_effort())}
+        writer.flush()  # every metric line up to a checkpoint is stored before it
+        meta = {"model": model_dict, "config": config_json}
         ckpt.save(step, state, data_state=train_iter.get_state(), meta=meta, force=force)
 
     # ---- SIGTERM: finish the current step, save, exit cleanly ----
@@ -227,5 +252,5 @@ def train_and_evaluate(config, workdir: str, *, on_step: Optional[Callable[[int]
         "skipped_steps": int(state["skipped"]),
         "params": int(n_params),
     }
-    write_summary(workdir, summary)
+    provenance.write_summary(workdir, summary)
     return summary
