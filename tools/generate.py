@@ -14,14 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import ml_collections
+from etils import epath
 
 
 def _run_tokenizer(ckpt: str) -> str:
-    meta_config = Path(ckpt) / "config.json"  # written by the trainer into its workdir
-    if (Path(ckpt) / "checkpoints").is_dir() and meta_config.exists():
+    meta_config = epath.Path(ckpt) / "config.json"  # written by the trainer into its workdir (local or gs://)
+    if (epath.Path(ckpt) / "checkpoints").is_dir() and meta_config.exists():
         return json.loads(meta_config.read_text()).get("data", {}).get("tokenizer", "byte")
     return "byte"
 

@@ -14,7 +14,6 @@ written before the trainer took them out itself.
 from __future__ import annotations
 
 import io
-import itertools
 import json
 import sys
 
@@ -55,8 +54,12 @@ def drop_superseded(rows: list[dict]) -> list[dict]:
     kept: list[dict] = []
     for r in rows:
         step, is_eval = r["step"], _is_eval(r)
-        tail = itertools.takewhile(lambda k: k["step"] == step, reversed(kept))  # kept is sorted by step
-        if (kept and step < kept[-1]["step"]) or any(_is_eval(k) == is_eval for k in tail):
+        same_step = []  # kept is sorted by step: the lines of this step are at its end
+        for k in reversed(kept):
+            if k["step"] != step:
+                break
+            same_step.append(k)
+        if (kept and step < kept[-1]["step"]) or any(_is_eval(k) == is_eval for k in same_step):
             kept = [k for k in kept if k["step"] < step]
         kept.append(r)
     return kept

@@ -21,7 +21,7 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import jax
 from etils import epath
@@ -46,7 +46,7 @@ def write_summary(workdir, summary: dict) -> epath.Path:
     return path
 
 
-def read_summary(workdir) -> Optional[dict]:
+def read_summary(workdir) -> dict | None:
     """The run's summary.json, or None if it has none (yet)."""
     path = paths_lib.resolve(workdir) / "summary.json"
     return json.loads(path.read_text()) if path.exists() else None
@@ -103,7 +103,7 @@ def format_changes(changes: dict) -> str:
     return ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
 
 
-def write_run_info(workdir, config_dict, *, start_step: int = 0, changes: Optional[dict] = None,
+def write_run_info(workdir, config_dict, *, start_step: int = 0, changes: dict | None = None,
                    superseded_lines: int = 0) -> dict:
     """Records this start: on the first, ``config.json`` and ``run_info.json``; on every later one,
     an entry appended to ``run_info.json["resumes"]``. Returns this start's entry."""

@@ -22,11 +22,7 @@ class FakeGCS(MemoryFileSystem):
 
     @classmethod
     def _strip_protocol(cls, path):
-        path = str(path)
-        for prefix in ("gs://", "gcs://"):
-            if path.startswith(prefix):
-                path = path[len(prefix):]
-        return path.strip("/")
+        return str(path).removeprefix("gs://").removeprefix("gcs://").strip("/")
 
     def __init__(self, *args, **kwargs):
         super().__init__()

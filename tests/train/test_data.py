@@ -195,7 +195,7 @@ def test_each_process_reads_only_its_rows(tmp_path):
 
 
 def test_index_pass_is_shared_with_allgather(tmp_path):
-    glob_, texts = _write_text_corpus(tmp_path, n=23)
+    glob_, _ = _write_text_corpus(tmp_path, n=23)
     cfg = _cfg(source=glob_, seq_len=16, val_percent=0)
     tok, corpus = data.load_tokenizer(cfg), data.load_corpus(cfg, "train")
     readers = [data._Documents(corpus, tok) for _ in range(3)]
@@ -361,6 +361,12 @@ def test_errors(tmp_path):
         data.load_corpus(_cfg(source=str(tmp_path / "broken.jsonl"), format="jsonl"), "train")
     with pytest.raises(ValueError, match="no_such_tokenizer.json"):
         data.load_tokenizer(_cfg(tokenizer=str(tmp_path / "no_such_tokenizer.json")))
+    (tmp_path / "garbled_tokenizer.json").write_bytes(b"\xff\xfe{not a tokenizer")
+    with pytest.raises(ValueError, match="cannot read .*garbled_tokenizer.json"):
+        data.load_tokenizer(_cfg(tokenizer=str(tmp_path / "garbled_tokenizer.json")))
+    (tmp_path / "truncated_tokenizer.json").write_text('{"version": "1.0", "model": {')
+    with pytest.raises(ValueError, match="cannot read .*truncated_tokenizer.json"):
+        data.load_tokenizer(_cfg(tokenizer=str(tmp_path / "truncated_tokenizer.json")))
     with pytest.raises(ValueError, match="seq_len"):
         data.make_train_iterator(_cfg(seq_len=1), global_batch_size=2)
     (tmp_path / "one.txt").write_text("a single file")
@@ -383,3 +389,34 @@ def test_stdlib_smoke():
     data.check_token_ids(batch, 259)
     assert 4.0 < data.unigram_bits_per_byte(cfg) < 6.0
     assert len(data.make_eval_batches(cfg, batch_size=4, num_batches=2)) == 2
+
+
+def test_remote_corpus_and_tokenizer(tmp_path, monkeypatch):
+    from tests.train.fake_gcs import fake_gcs
+
+    monkeypatch.chdir(tmp_path)
+    texts = _texts(24)
+    with fake_gcs() as fs:
+        for i, t in enumerate(texts):
+            fs.pipe_file(f"bucket/corpus/doc_{i:03d}.txt", t.encode())
+        fs.pipe_file("bucket/tok/tokenizer.json", open(_save_bpe(tmp_path, texts), "rb").read())
+        cfg = _cfg(source="gs://bucket/corpus/*.txt", seq_len=16, val_percent=50, tokenizer="gs://bucket/tok")
+        val = data.load_corpus(cfg, "validation")
+        assert all(p.startswith("gs://bucket/corpus/doc_") for p in val.paths)
+        # the split hashes the path relative to the glob's root, as for a local corpus
+        local = tmp_path / "local"
+        local.mkdir()
+        for i, t in enumerate(texts):
+            (local / f"doc_{i:03d}.txt").write_text(t, encoding="utf-8")
+        local_val = data.load_corpus(_cfg(source=str(local / "*.txt"), val_percent=50), "validation")
+        assert [os.path.basename(val.paths[f]) for f in val.docs[:, 0]] == [
+            os.path.basename(local_val.paths[f]) for f in local_val.docs[:, 0]]
+        tok = data.load_tokenizer(cfg)
+        assert tok.vocab_size == 300
+        batch = next(data.make_train_iterator(cfg, global_batch_size=4))
+        data.check_token_ids(batch, tok.vocab_size)
+        with pytest.raises(ValueError, match="local only"):
+            data.load_corpus(_cfg(source="gs://bucket/**/*.txt"), "train")
+        with pytest.raises(ValueError, match="matched no files"):
+            data.load_corpus(_cfg(source="gs://bucket/nothing/*.txt"), "train")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bpe.json", "local"]  # nothing named "gs:"
