@@ -6,7 +6,8 @@ MLA with query and KV latents, 1 dense + 3 MoE blocks (16 routed experts, top-4 
 which 2 are kept, 1 shared expert), sigmoid router with the aux-loss-free bias, one MTP module,
 byte-level tokenizer, d_model 128 (2.1M parameters). Measured on a 2-core CPU (jax 0.10.2):
 final_eval_bits_per_byte 2.08 against a unigram entropy of 4.74 bits per byte of the validation
-split (summary.json), i.e. 0.44x; ~4 min wall on an idle machine (docs/benchmarks.md).
+split (summary.json), i.e. 0.44x; ~4 min wall on an idle machine before the global data shuffle
+(docs/benchmarks.md has the last, loaded-machine measurement).
 """
 
 from configs.base import build

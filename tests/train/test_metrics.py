@@ -88,14 +88,13 @@ def test_resume_keeps_first_provenance_and_appends_history(tmp_path):
         (4, json.loads(json.dumps(changes)), 3), (8, {}, 0)]
 
 
-def _tb_events(logdir):
-    """(step, is a purge marker) of every event in the TensorBoard files under ``logdir``."""
+def tb_events(files: list[bytes]):
+    """(step, is a purge marker) of every event in the given TensorBoard event files' bytes."""
     import struct
 
     from tensorboardX.proto import event_pb2
     out = []
-    for f in sorted(Path(logdir).glob("events.out.tfevents.*")):
-        raw = f.read_bytes()
+    for raw in files:
         while raw:
             (n,) = struct.unpack("Q", raw[:8])
             ev = event_pb2.Event.FromString(raw[12 : 12 + n])
@@ -116,7 +115,7 @@ def test_resume_supersedes_orphaned_lines(tmp_path):
     # nothing lost: the orphaned lines (steps 4-6 and the torn one), in order, in the superseded file
     assert (tmp_path / "metrics.superseded.jsonl").read_text().splitlines() == before[4:]
     # TensorBoard: the resumed writer's file starts with a purge marker at step 4
-    events = _tb_events(tmp_path / "tb")
+    events = tb_events([f.read_bytes() for f in sorted((tmp_path / "tb").glob("events.out.tfevents.*"))])
     assert (4, True) in events
 
 

@@ -9,31 +9,17 @@ filesystem reaches, so here the checkpoint directory alone is mapped to a local 
 """
 
 import json
-import struct
 
 import numpy as np
 import pytest
 
 from tests.train.fake_gcs import fake_gcs
+from tests.train.test_metrics import tb_events
 from tests.train.test_trainer import tiny
 from train import trainer
 from train.checkpoint import Checkpointer
 
 URL = "gs://bucket/run"
-
-
-def _events(fs, prefix):
-    """(step, is a purge marker) of every TensorBoard event stored under ``prefix``."""
-    from tensorboardX.proto import event_pb2
-    out = []
-    for f in sorted(fs.find(prefix)):
-        raw = fs.cat_file(f)
-        while raw:
-            (n,) = struct.unpack("Q", raw[:8])
-            ev = event_pb2.Event.FromString(raw[12 : 12 + n])
-            raw = raw[16 + n :]
-            out.append((ev.step, ev.HasField("session_log") and ev.session_log.status == ev.session_log.START))
-    return out
 
 
 def test_remote_workdir_kill_resume_with_changes_then_rerun(tmp_path, monkeypatch, capsys):
@@ -71,7 +57,7 @@ def test_remote_workdir_kill_resume_with_changes_then_rerun(tmp_path, monkeypatc
         assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 5] and "eval_loss" in rows[-1]
         moved = [json.loads(line) for line in fs.cat_file(f"{URL}/metrics.superseded.jsonl").decode().splitlines()]
         assert [r["step"] for r in moved] == [3, 4]
-        assert (3, True) in _events(fs, f"{URL}/tb")  # TensorBoard's purge marker for the orphaned 3, 4
+        assert (3, True) in tb_events([fs.cat_file(f) for f in sorted(fs.find(f"{URL}/tb"))])  # TensorBoard's purge marker for the orphaned 3, 4
         info = json.loads(fs.cat_file(f"{URL}/run_info.json"))
         assert {k: v for k, v in info.items() if k != "resumes"} == {
             k: v for k, v in json.loads(first_info).items() if k != "resumes"}  # the first start's, kept
