@@ -12,8 +12,8 @@ Stages (train; eval drops the repeat):
              segment_ids 1, 2, ... per packed chunk, 0 = padding. positions restart at 0 for every
              chunk (also for a chunk that continues a document), so positions < seq_len always.
   batches    `global_batch_size` rows; each process keeps rows process_index::process_count and
-             reads and tokenizes only the documents of its rows (an LRU cache of `_CACHE_TOKENS`
-             tokens keeps the documents tokenized by the index pass and later reads).
+             reads and tokenizes only the documents of its rows (an LRU cache of `CACHE_TOKENS`
+             tokens keeps the documents tokenized by the index pass and later reads; `train/chunks.py`).
 
 Batch = dict of numpy arrays, all [b, t]:
   inputs, targets  int32; PAD where segment_ids == 0. A target is always from the same chunk
@@ -47,7 +47,6 @@ lowest (for validation) or highest (for train) hash is moved over.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import glob
 import hashlib
@@ -63,7 +62,8 @@ import numpy as np
 from etils import epath
 
 from train import paths as paths_lib
-from train.tokenizer import Tokenizer, load_tokenizer
+from train.chunks import ChunkIndex, Documents, assemble_rows, chunk_index
+from train.tokenizer import load_tokenizer
 
 __all__ = [
     "default_data_config",
@@ -84,8 +84,6 @@ __all__ = [
 _PACKING_BINS = 64
 # 2: the global chunk shuffle (1 was the document shuffle + chunk window shuffle).
 _STATE_VERSION = 2
-# Tokens of tokenized documents kept in memory per pipeline (int32: 128 MiB).
-_CACHE_TOKENS = 1 << 25
 _WILDCARDS = "*?["
 
 
@@ -258,100 +256,7 @@ def load_corpus(data_cfg, split: str) -> Corpus:
 
 
 # ----------------------------------------------------------------------------------------------
-# Chunk index: every chunk of every document, known before any batch is built.
-
-
-@dataclasses.dataclass(frozen=True)
-class ChunkIndex:
-    """Chunk c = tokens [start[c], start[c] + length[c] + 1) of document doc[c]'s [BOS] ids [EOS]:
-    `length[c]` (<= seq_len) inputs and as many targets; chunks of a document overlap by one token,
-    so every token but BOS is a target exactly once."""
-
-    doc: np.ndarray  # [c] int64
-    start: np.ndarray  # [c] int64
-    length: np.ndarray  # [c] int64
-
-    def __len__(self) -> int:
-        return len(self.doc)
-
-
-def chunk_index(doc_lengths: np.ndarray, seq_len: int) -> ChunkIndex:
-    """`doc_lengths[d]`: tokens of document d including BOS and EOS (>= 2)."""
-    lengths = np.asarray(doc_lengths, np.int64)
-    per_doc = (lengths - 1 + seq_len - 1) // seq_len  # [n] chunks per document
-    doc = np.repeat(np.arange(len(lengths)), per_doc)
-    first = np.cumsum(per_doc) - per_doc  # [n] index of each document's first chunk
-    start = (np.arange(len(doc)) - first[doc]) * seq_len
-    return ChunkIndex(doc, start, np.minimum(seq_len, lengths[doc] - 1 - start))
-
-
-class _Documents:
-    """[BOS] ids [EOS] of each document, read and tokenized on first use and kept in an LRU cache
-    of at most `budget` tokens (a cache miss reads and tokenizes the document again)."""
-
-    def __init__(self, corpus: Corpus, tok: Tokenizer, budget: int = _CACHE_TOKENS):
-        self.corpus, self._tok, self._budget = corpus, tok, budget
-        self._cache: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
-        self._cached_tokens = 0
-        self.reads = 0  # documents read and tokenized so far (tests check sharded reading with it)
-
-    def __call__(self, d: int) -> np.ndarray:
-        d = int(d)
-        ids = self._cache.get(d)
-        if ids is not None:
-            self._cache.move_to_end(d)
-            return ids
-        self.reads += 1
-        ids = np.concatenate([[self._tok.bos_id], self._tok.encode(self.corpus[d]), [self._tok.eos_id]]).astype(np.int32)
-        self._cache[d] = ids
-        self._cached_tokens += len(ids)
-        while self._cached_tokens > self._budget and len(self._cache) > 1:
-            self._cached_tokens -= len(self._cache.popitem(last=False)[1])
-        return ids
-
-    def lengths(self, *, process_index: int, process_count: int, allgather: Optional[Callable] = None) -> np.ndarray:
-        """[n] token count of every document. With `allgather` (an all-process gather of a [m] int64
-        array into [process_count, m]) each process tokenizes only documents process_index::process_count."""
-        n = len(self.corpus)
-        if allgather is None or process_count == 1:
-            return np.asarray([len(self(d)) for d in range(n)], np.int64)
-        m = -(-n // process_count)
-        local = np.full(m, -1, np.int64)
-        mine = range(process_index, n, process_count)
-        local[: len(mine)] = [len(self(d)) for d in mine]
-        gathered = np.asarray(allgather(local)).reshape(process_count, m)  # [p, m]
-        out = np.empty(n, np.int64)
-        for p in range(process_count):
-            out[p::process_count] = gathered[p, : len(range(p, n, process_count))]
-        return out
-
-
-# ----------------------------------------------------------------------------------------------
 # Pipeline.
-
-
-def _rows(packed: dict, *, index: ChunkIndex, docs: _Documents, tok: Tokenizer, rows: int,
-          process_index: int, process_count: int) -> dict:
-    """Packed chunk ids of a global batch -> the documented batch layout of this process's rows,
-    reading and tokenizing only the documents those rows hold."""
-    chunk, seg_all, pos_all = packed["chunk"], packed["chunk_segment_ids"], packed["chunk_positions"]  # [g, t]
-    mine = range(process_index, rows, process_count)
-    t = chunk.shape[1]
-    inputs = np.full((len(mine), t), tok.pad_id, np.int32)
-    targets = np.full((len(mine), t), tok.pad_id, np.int32)
-    seg = np.zeros((len(mine), t), np.int32)
-    pos = np.zeros((len(mine), t), np.int32)
-    for i, r in enumerate(mine):
-        if r >= chunk.shape[0]:  # only the last eval batch can be short: its missing rows stay empty
-            continue
-        seg[i], pos[i] = seg_all[r], np.where(seg_all[r] > 0, pos_all[r], 0)
-        for s in range(1, int(seg_all[r].max(initial=0)) + 1):
-            (where,) = np.nonzero(seg_all[r] == s)
-            c = int(chunk[r, where[0]])
-            ids = docs(index.doc[c])[index.start[c] : index.start[c] + index.length[c] + 1]
-            inputs[i, where], targets[i, where] = ids[:-1], ids[1:]
-    return {"inputs": inputs, "targets": targets, "segment_ids": seg, "positions": pos,
-            "loss_mask": (seg > 0).astype(np.float32), "target_bytes": tok.token_bytes(targets).astype(np.int32)}
 
 
 def _check_processes(global_batch_size: int, process_index: int, process_count: int) -> None:
@@ -366,7 +271,7 @@ def _check_processes(global_batch_size: int, process_index: int, process_count: 
 def _pipeline(data_cfg, split: str, *, rows: int, train: bool, process_index: int, process_count: int,
               allgather: Optional[Callable] = None):
     tok = load_tokenizer(data_cfg)
-    docs = _Documents(load_corpus(data_cfg, split), tok)
+    docs = Documents(load_corpus(data_cfg, split), tok)
     index = chunk_index(docs.lengths(process_index=process_index, process_count=process_count, allgather=allgather),
                         data_cfg.seq_len)
     # One seeded permutation of all chunks per epoch (grain's index shuffle: resumable from the
@@ -385,7 +290,7 @@ def _pipeline(data_cfg, split: str, *, rows: int, train: bool, process_index: in
                                                     shuffle_bins=False)
     it = it.batch(rows, drop_remainder=train)
     rows_of = dict(index=index, docs=docs, tok=tok, rows=rows, process_index=process_index, process_count=process_count)
-    return it.map(lambda b: _rows(b, **rows_of)), index, docs
+    return it.map(lambda b: assemble_rows(b, **rows_of)), index, docs
 
 
 def _fingerprint(data_cfg, global_batch_size: int, num_docs: int, num_chunks: int) -> dict:
@@ -405,7 +310,7 @@ class TrainIterator:
     different process count.
     """
 
-    def __init__(self, dataset, fingerprint: dict, documents: _Documents):
+    def __init__(self, dataset, fingerprint: dict, documents: Documents):
         self._it = iter(dataset)
         self._fingerprint = fingerprint
         self.documents = documents  # the reader (its `reads` count shows what this process read)

@@ -4,11 +4,12 @@ import hashlib
 import json
 import os
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from train import data
+from train import chunks, data
 from train.tokenizer import ByteTokenizer
 
 WORDS = "alpha beta gamma delta épsilon ζeta η 数据 lorem ipsum dolor sit amet".split()
@@ -158,7 +159,7 @@ def _numbered_corpus(tmp_path, n_docs, repeats):
     return str(d / "*.txt")
 
 
-def _docs_of(batch, rows=None):
+def _docs_of(batch):
     """Document numbers of each row's pieces (see `_numbered_corpus`)."""
     out = []
     for inp, seg in zip(batch["inputs"], batch["segment_ids"]):
@@ -198,7 +199,7 @@ def test_index_pass_is_shared_with_allgather(tmp_path):
     glob_, _ = _write_text_corpus(tmp_path, n=23)
     cfg = _cfg(source=glob_, seq_len=16, val_percent=0)
     tok, corpus = data.load_tokenizer(cfg), data.load_corpus(cfg, "train")
-    readers = [data._Documents(corpus, tok) for _ in range(3)]
+    readers = [chunks.Documents(corpus, tok) for _ in range(3)]
 
     def allgather(local):  # what jax's process_allgather returns, the other processes' shards computed here
         shards = [readers[p].lengths(process_index=p, process_count=3, allgather=None)[p::3] for p in (0, 1, 2)]
@@ -208,13 +209,13 @@ def test_index_pass_is_shared_with_allgather(tmp_path):
     got = readers[1].lengths(process_index=1, process_count=3, allgather=allgather)
     want = [len(corpus[d].encode()) + 2 for d in range(len(corpus))]
     assert got.tolist() == want
-    solo = data._Documents(corpus, tok)
+    solo = chunks.Documents(corpus, tok)
     solo.lengths(process_index=1, process_count=3, allgather=lambda x: np.stack([x, x, x]))
     assert solo.reads == len(range(1, len(corpus), 3))  # only its own third was tokenized
 
 
 def test_chunk_index():
-    index = data.chunk_index(np.array([2, 5, 6, 3]), seq_len=2)
+    index = chunks.chunk_index(np.array([2, 5, 6, 3]), seq_len=2)
     # doc 0: [B E] -> 1 chunk; doc 1: 5 tokens -> inputs 0-1, 2-3; doc 2: 6 -> 0-1, 2-3, 4; doc 3: 0-1
     assert index.doc.tolist() == [0, 1, 1, 2, 2, 2, 3]
     assert index.start.tolist() == [0, 0, 2, 0, 2, 4, 0]
@@ -399,7 +400,7 @@ def test_remote_corpus_and_tokenizer(tmp_path, monkeypatch):
     with fake_gcs() as fs:
         for i, t in enumerate(texts):
             fs.pipe_file(f"bucket/corpus/doc_{i:03d}.txt", t.encode())
-        fs.pipe_file("bucket/tok/tokenizer.json", open(_save_bpe(tmp_path, texts), "rb").read())
+        fs.pipe_file("bucket/tok/tokenizer.json", Path(_save_bpe(tmp_path, texts)).read_bytes())
         cfg = _cfg(source="gs://bucket/corpus/*.txt", seq_len=16, val_percent=50, tokenizer="gs://bucket/tok")
         val = data.load_corpus(cfg, "validation")
         assert all(p.startswith("gs://bucket/corpus/doc_") for p in val.paths)
