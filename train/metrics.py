@@ -31,6 +31,7 @@ import io
 import json
 import math
 import time
+import uuid
 from typing import Any
 
 import jax
@@ -69,7 +70,9 @@ class MetricWriter:
             logdir = self.workdir / "tb"
             if paths_lib.is_remote(logdir):
                 _register_remote_event_files(str(logdir).split("://")[0])
-            self._tb = SummaryWriter(str(logdir), purge_step=start_step + 1,
+            # A unique suffix: tensorboardX names files by the second, and a restart within the same
+            # second would otherwise truncate the previous run's event file.
+            self._tb = SummaryWriter(str(logdir), purge_step=start_step + 1, filename_suffix=f".{uuid.uuid4().hex[:8]}",
                                      flush_secs=remote_flush_secs if paths_lib.is_remote(logdir) else 120)
         if console:
             from tqdm import tqdm

@@ -103,7 +103,9 @@ def tb_events(files: list[bytes]):
     return out
 
 
-def test_resume_supersedes_orphaned_lines(tmp_path):
+def test_resume_supersedes_orphaned_lines(tmp_path, monkeypatch):
+    import tensorboardX.event_file_writer as efw
+    monkeypatch.setattr(efw.time, "time", lambda: 1.7e9)  # both writers start "in the same second"
     _write_run(tmp_path, n_steps=6)  # steps 1-6, evals at 3 and 6; its last checkpoint was step 3
     (tmp_path / "metrics.jsonl").open("a").write('{"step": 7, "loss": 1.')  # torn line of the kill
     before = (tmp_path / "metrics.jsonl").read_text().splitlines()
@@ -114,9 +116,11 @@ def test_resume_supersedes_orphaned_lines(tmp_path):
     assert [r["loss"] for r in rows if "loss" in r][3:] == pytest.approx([5.0 / s for s in (4, 5, 6, 7, 8)])
     # nothing lost: the orphaned lines (steps 4-6 and the torn one), in order, in the superseded file
     assert (tmp_path / "metrics.superseded.jsonl").read_text().splitlines() == before[4:]
-    # TensorBoard: the resumed writer's file starts with a purge marker at step 4
-    events = tb_events([f.read_bytes() for f in sorted((tmp_path / "tb").glob("events.out.tfevents.*"))])
-    assert (4, True) in events
+    # TensorBoard: both runs' event files are kept, the resumed one starts with a purge marker at step 4
+    files = sorted((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert len(files) == 2
+    events = tb_events([f.read_bytes() for f in files])
+    assert (4, True) in events and sum(step == 6 for step, _ in events) >= 2
 
 
 def test_plot_never_runs_back_in_time(tmp_path):
