@@ -5,8 +5,8 @@ Several processes (hosts): start the same command on each, with ``--coordinator_
 on Cloud TPU pod slices). All processes need the same ``--workdir`` (a shared disk or bucket).
 
 A bad input (config file, config value, data, tokenizer, checkpoint) ends the run with one line,
-``error: ...``, and exit status 1, before anything is written; ``--traceback`` shows the Python
-traceback instead.
+``error: ...``, and exit status 1 (``--traceback`` shows the Python traceback instead). A missing
+config file, a bad config value or tokenizer are found before the workdir is created.
 """
 
 import datetime
