@@ -1,6 +1,15 @@
 """Tiny configurations shared by the tests."""
 
+import glob
+import importlib.util
+import os
+
 from model.config import ModelConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Every experiment config file (configs/base.py is their shared builder, not an experiment).
+CONFIG_FILES = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
+                      if not os.path.basename(p).startswith("_") and os.path.basename(p) != "base.py")
 
 
 def tiny_config(**kw) -> ModelConfig:
@@ -11,3 +20,11 @@ def tiny_config(**kw) -> ModelConfig:
                 topk_group=2, mtp_depth=1, max_seq_len=64, moe_block_rows=8)
     base.update(kw)
     return ModelConfig(**base)
+
+
+def load_config_file(path: str):
+    """``get_config()`` of an experiment config file (``configs/*.py`` or a generated one)."""
+    spec = importlib.util.spec_from_file_location("config_under_test", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config()
