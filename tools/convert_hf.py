@@ -119,7 +119,9 @@ def import_hf(hf_dir: str, out: str, *, dtype: str = "auto", preset: str = "moe_
         ckpt.close()
     cfg_file = os.path.join(out, "finetune_config.py")
     with open(cfg_file, "w") as fh:
-        model_dict = {**dataclasses.asdict(cfg), "dtype": dtype}  # "auto" stays unresolved in the file
+        # Compute dtype as asked ("auto" unresolved); the kernel backend stays config.kernels.impl's.
+        model_dict = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "kernels_impl"}
+        model_dict["dtype"] = dtype
         fh.write(_FINETUNE_CONFIG.format(source=os.path.abspath(hf_dir), path=cfg_file, preset=preset, ckpt=out,
                                          model=pprint.pformat(model_dict, indent=4, sort_dicts=False)))
     return cfg

@@ -81,6 +81,7 @@ def test_finetune_config_of_converted_bf16_weights_trains_in_f32(tmp_path):
     assert {x.dtype for x in jax.tree.leaves(weights)} == {F32}
     config = load_config_file(os.path.join(ckpt, "finetune_config.py"))
     assert config.model.dtype == "auto" and config.model.param_dtype == "float32"
+    assert config.kernels.impl == config.model.kernels_impl == "auto"  # the switch is left to the user
     _check_master_weights(config)
 
 
