@@ -77,7 +77,7 @@ def make_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
         raise ValueError(f"need warmup_steps={warmup} >= 0 and total_steps={total_steps} > 0")
     if warmup > total_steps:
         warnings.warn(f"optimizer.warmup_steps={warmup} exceeds the run's {total_steps} steps; "
-                      f"warming up over all {total_steps} steps instead")
+                      f"warming up over all {total_steps} steps instead", stacklevel=1)  # one warning per run
         warmup = total_steps
     decay_steps = 0
     if kind == "wsd":
