@@ -111,3 +111,12 @@ def test_trainer_refuses_low_precision_master_weights(tmp_path):
     config.optimizer.warmup_steps = 0
     with pytest.raises(ValueError, match=r"model.param_dtype='bfloat16': training keeps float32 parameters"):
         train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_first_moment_may_opt_into_bf16():
+    """optimizer.mu_dtype=bfloat16 (the report's BF16 moments) leaves the weights and nu in f32."""
+    from configs.base import build
+
+    config = build("moe_tiny")
+    config.optimizer.mu_dtype = "bfloat16"
+    _check_master_weights(config)
