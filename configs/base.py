@@ -29,13 +29,14 @@ def model_config_dict(preset: str) -> ml_collections.ConfigDict:
         elif f.name in _OPTIONAL:
             v = config_dict.placeholder(_OPTIONAL[f.name]) if v is None else config_dict.FieldReference(v, field_type=_OPTIONAL[f.name])
         d[f.name] = v
-    del d["kernels_impl"]  # set through config.kernels.impl
-    # Compute dtype of the matmuls: "auto" = bfloat16 on GPU/TPU, float32 on CPU (the trainer resolves it).
+    # Compute dtype of the matmuls: "auto" = bfloat16 on GPU/TPU, float32 on CPU (ModelConfig resolves it).
     d["dtype"] = "auto"
     return ml_collections.ConfigDict(d)
 
 
 def build(preset: str) -> ml_collections.ConfigDict:
+    """``config.model`` holds exactly ModelConfig's fields: ``ModelConfig.from_dict(config.model.to_dict())``
+    is the model of this experiment, wherever it is built (trainer, tools, tests)."""
     c = ml_collections.ConfigDict()
     # Model hyperparameters: the fields of model.config.ModelConfig, starting from a named preset.
     c.model = model_config_dict(preset)
@@ -48,6 +49,9 @@ def build(preset: str) -> ml_collections.ConfigDict:
     # elsewhere; "pallas" forces the Pallas kernels (interpreted on CPU: slow, for tests);
     # "xla" = the portable path (model/grouped_matmul.py).
     c.kernels = ml_collections.ConfigDict({"impl": "auto"})
+    # The one kernel switch is kernels.impl; model.kernels_impl refers to it (one value under
+    # ModelConfig's field name: setting either sets both).
+    c.model.kernels_impl = c.kernels.get_ref("impl")
 
     # Device mesh (train/sharding.py). The product of the four sizes must be the device count of
     # all processes together, or 1: the default 1 x 1 x 1 x 1 is the single-device run on the first

@@ -2,8 +2,9 @@
 
   python -m tools.count_params --config=configs/deepseek_v2_lite.py
 
-Training it needs accelerators (bf16 parameters alone are ~31 GB); the data default is the byte
-corpus, so set data.tokenizer to the model's tokenizer.json when fine-tuning.
+Training it needs accelerators (its float32 master weights alone are ~63 GB; bf16 compute); the
+data default is the byte corpus, so set data.tokenizer to the model's tokenizer.json when
+fine-tuning. It keeps the released model's YaRN (a checkpoint converted from it has it).
 """
 
 from configs.base import build

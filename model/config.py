@@ -11,7 +11,8 @@ import dataclasses
 from typing import Any, Mapping, Optional
 
 _SCORE_FNS = ("sigmoid", "softmax")
-_REMAT = ("none", "full", "dots", "dots_no_batch", "save_moe")
+# Each policy is implemented in ``model/transformer.py`` and tested against "none" (gradients).
+_REMAT = ("none", "full", "dots", "dots_no_batch")
 _DTYPES = ("float32", "bfloat16", "float16")
 # Fields that change how the model runs, not what it is (``ModelConfig.identity`` leaves them out).
 EXECUTION_FIELDS = ("kernels_impl", "remat", "moe_block_rows", "dtype", "max_seq_len")
@@ -74,8 +75,13 @@ class ModelConfig:
     mtp_depth: int = 1  # D sequential MTP modules; 0 disables
 
     # --- execution ---
+    # Storage dtype of the parameters. Training keeps float32 master weights (DeepSeek-V3 report
+    # Sec. 3.3; the trainer refuses anything else); bfloat16 is for inference-only loading.
     param_dtype: str = "float32"
-    dtype: str = "float32"  # compute dtype of matmuls; norms, softmax, router and loss stay f32
+    # Compute dtype of matmuls; norms, softmax, router and loss stay f32. "auto" = bfloat16 on
+    # GPU/TPU, float32 on CPU, resolved here at construction (``ModelConfig(dtype="auto").dtype``
+    # is concrete).
+    dtype: str = "float32"
     scan_layers: bool = False  # nnx.scan over the homogeneous MoE blocks
     remat: str = "none"  # rematerialisation policy of each block, one of _REMAT
     kernels_impl: str = "xla"  # grouped matmul backend: "xla" | "pallas" | "auto"
@@ -114,8 +120,12 @@ class ModelConfig:
              f"capacity_factor must be None (dropless) or > 0, got {self.capacity_factor}")
         need(self.mtp_depth >= 0, f"mtp_depth must be >= 0, got {self.mtp_depth}")
         need(self.remat in _REMAT, f"remat must be one of {_REMAT}, got {self.remat!r}")
-        need(self.param_dtype in _DTYPES and self.dtype in _DTYPES,
-             f"param_dtype/dtype must be in {_DTYPES}, got {self.param_dtype!r}/{self.dtype!r}")
+        need(self.param_dtype in _DTYPES, f"param_dtype must be one of {_DTYPES}, got {self.param_dtype!r}")
+        need(self.dtype in _DTYPES + ("auto",), f"dtype must be one of {_DTYPES + ('auto',)}, got {self.dtype!r}")
+        if self.dtype == "auto":  # the one place "auto" is resolved: bf16 on GPU/TPU, f32 on CPU
+            import jax  # here only: the dataclass is plain Python otherwise
+
+            object.__setattr__(self, "dtype", "float32" if jax.default_backend() == "cpu" else "bfloat16")
         need(self.kernels_impl in ("xla", "pallas", "auto"),
              f"kernels_impl must be xla|pallas|auto, got {self.kernels_impl!r}")
         if isinstance(self.yarn, Mapping):  # allow a plain dict from a config file

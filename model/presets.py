@@ -3,6 +3,11 @@
 groups keeping 4, MLA ranks 1536/512; DeepSeek-V2-Lite: 27 layers, 64 routed + 2 shared, top-6,
 no query compression). ``tests/model/test_presets.py`` checks the parameter counts against the
 reports (V3: 671B total, 37B activated, Sec. 1 and 4.2) with ``jax.eval_shape``.
+
+The big presets compute in bf16 (``dtype``) but keep float32 parameters: they are what the training
+configs build on, and training keeps f32 master weights (V3 report Sec. 3.3). They carry the
+released models' YaRN settings (for loading and fine-tuning those weights); pre-training recipes
+(``configs/deepseek_v3_671b.py``) set ``yarn=None``: YaRN is the context-extension stage (Sec. 4.3).
 """
 
 from model.config import ModelConfig, YarnConfig
@@ -33,7 +38,7 @@ def deepseek_v2_lite() -> ModelConfig:
         moe_ffn_dim=1408, score_fn="softmax", n_group=1, topk_group=1, norm_topk_prob=False,
         routed_scaling_factor=1.0, use_aux_free_bias=False, mtp_depth=0, max_seq_len=163840,
         yarn=YarnConfig(mscale=0.707, mscale_all_dim=0.707, **_DEEPSEEK_YARN),
-        param_dtype="bfloat16", dtype="bfloat16", scan_layers=True)
+        dtype="bfloat16", scan_layers=True)
 
 
 def deepseek_v3_671b() -> ModelConfig:
@@ -45,7 +50,7 @@ def deepseek_v3_671b() -> ModelConfig:
         moe_ffn_dim=2048, score_fn="sigmoid", n_group=8, topk_group=4, norm_topk_prob=True,
         routed_scaling_factor=2.5, mtp_depth=1, max_seq_len=163840,
         yarn=YarnConfig(mscale=1.0, mscale_all_dim=1.0, **_DEEPSEEK_YARN),
-        param_dtype="bfloat16", dtype="bfloat16", scan_layers=True, remat="full")
+        dtype="bfloat16", scan_layers=True, remat="full")
 
 
 PRESETS = {f.__name__: f for f in (moe_tiny, small, deepseek_v2_lite, deepseek_v3_671b)}

@@ -33,16 +33,16 @@ def _median_ms(fn, n):
 
 def main(argv):
     del argv
+    from model.config import ModelConfig
     from model.loss import lm_losses
     from model.transformer import Transformer
     from train.optimizer import make_optimizer
     from train.state import init_state
     from train.step import make_train_step
     from train.synthetic import synthetic_batches
-    from train.trainer import model_config
 
     config = _CONFIG.value
-    cfg = model_config(config)
+    cfg = ModelConfig.from_dict(config.model.to_dict())
     tx = make_optimizer(config.optimizer, 1000)
     batch = synthetic_batches(config.train.global_batch_size, config.data.seq_len, 1)[0]
     mtp_w = config.train.mtp_loss_weight

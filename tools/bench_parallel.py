@@ -31,19 +31,19 @@ def bench(mesh_sizes: dict) -> dict:
     import jax
 
     from configs import moe_tiny
+    from model.config import ModelConfig
     from train import sharding
     from train.optimizer import make_optimizer
     from train.state import abstract_state, init_state
     from train.step import sharded_train_step
     from train.synthetic import synthetic_batches
-    from train.trainer import model_config
 
     c = moe_tiny.get_config()
     c.mesh.update(mesh_sizes)
     c.data.seq_len, c.train.global_batch_size = _SEQ.value, _BATCH.value
     c.model.d_model, c.model.n_layers, c.model.mtp_depth = _D_MODEL.value, 4, 1  # moe_tiny's depth
     mesh = sharding.make_mesh(c.mesh)
-    cfg = model_config(c)
+    cfg = ModelConfig.from_dict(c.model.to_dict())
     sharding.check_fits(dict(zip(mesh.axis_names, mesh.axis_sizes)), cfg, global_batch_size=c.train.global_batch_size)
     tx = make_optimizer(c.optimizer, c.train.steps)
     graphdef, abstract = abstract_state(cfg, tx, 0)

@@ -22,8 +22,9 @@ flags.mark_flags_as_required(["config"])
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
+    from model.config import ModelConfig
     from train.flops import model_flops_per_token, peak_flops
-    from train.trainer import model_config, train_and_evaluate
+    from train.trainer import train_and_evaluate
 
     config = _CONFIG.value
     with config.unlocked():
@@ -37,7 +38,7 @@ def main(argv):
         config.optimizer.warmup_steps = min(config.optimizer.warmup_steps, _STEPS.value)
     with tempfile.TemporaryDirectory() as workdir:
         s = train_and_evaluate(config, workdir)
-    cfg = model_config(config)
+    cfg = ModelConfig.from_dict(config.model.to_dict())
     tokens_per_step = config.train.global_batch_size * config.data.seq_len
     peak, source = peak_flops(config.train.peak_flops)
     print(json.dumps({

@@ -1,11 +1,13 @@
 """Hugging Face DeepSeek checkpoints <-> our checkpoints.
 
-  python -m tools.convert_hf import --hf-dir DIR --out CKPT [--dtype bfloat16] [--scan_layers]
+  python -m tools.convert_hf import --hf-dir DIR --out CKPT [--dtype auto] [--scan_layers]
   python -m tools.convert_hf export --ckpt CKPT_OR_WORKDIR --out DIR [--max-shard-gb 4]
 
 ``import`` writes a weights-only checkpoint with ``train.checkpoint.Checkpointer``: step 0, state
 ``{"params", "rest"}`` (``nnx.split(model, nnx.Param, ...)``, as ``train/state.py``), meta
-``{"model": dataclasses.asdict(cfg)}``. The trainer's ``train.init_checkpoint`` restores exactly
+``{"model": dataclasses.asdict(cfg)}``. The weights are upcast to float32 (``param_dtype``): they are
+the master weights of a fine-tuning run (DeepSeek-V3 report Sec. 3.3); ``--dtype`` is the compute
+dtype. The trainer's ``train.init_checkpoint`` restores exactly
 that, but only for a run whose ``config.model`` equals the checkpoint's. So ``import`` also writes
 ``CKPT/finetune_config.py``, a config file (``configs/base.py`` defaults, the converted model,
 ``train.init_checkpoint = CKPT``), and prints the command; every other field stays overridable:
@@ -100,9 +102,11 @@ def load_model(path: str) -> Transformer:
 
 # ---- import / export ----
 
-def import_hf(hf_dir: str, out: str, *, dtype: str | None = None, preset: str = "moe_tiny", **overrides) -> ModelConfig:
-    model = hf.from_pretrained(hf_dir, dtype=dtype, **overrides)
-    cfg = model.cfg
+def import_hf(hf_dir: str, out: str, *, dtype: str = "auto", preset: str = "moe_tiny", **overrides) -> ModelConfig:
+    """float32 parameters (upcast: training's master weights), compute ``dtype`` ("auto" = bf16 on
+    GPU/TPU, f32 on CPU, resolved where the fine-tune config runs)."""
+    model = hf.from_pretrained(hf_dir, dtype="float32", **overrides)
+    cfg = model.cfg.replace(dtype=dtype)
     _, params, rest = nnx.split(model, nnx.Param, ...)
     out = os.path.abspath(out)
     ckpt = Checkpointer(out, save_every=1, async_save=False)
@@ -115,8 +119,11 @@ def import_hf(hf_dir: str, out: str, *, dtype: str | None = None, preset: str = 
         ckpt.close()
     cfg_file = os.path.join(out, "finetune_config.py")
     with open(cfg_file, "w") as fh:
+        # Compute dtype as asked ("auto" unresolved); the kernel backend stays config.kernels.impl's.
+        model_dict = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "kernels_impl"}
+        model_dict["dtype"] = dtype
         fh.write(_FINETUNE_CONFIG.format(source=os.path.abspath(hf_dir), path=cfg_file, preset=preset, ckpt=out,
-                                         model=pprint.pformat(dataclasses.asdict(cfg), indent=4, sort_dicts=False)))
+                                         model=pprint.pformat(model_dict, indent=4, sort_dicts=False)))
     return cfg
 
 
@@ -146,7 +153,8 @@ def main(argv=None):
     im = sub.add_parser("import", help="Hugging Face dir -> weights-only checkpoint")
     im.add_argument("--hf-dir", required=True)
     im.add_argument("--out", required=True)
-    im.add_argument("--dtype", default=None, help="param/compute dtype (default: the checkpoint's)")
+    im.add_argument("--dtype", default="auto", help="compute dtype of the fine-tune config (default auto: "
+                    "bf16 on GPU/TPU, f32 on CPU); parameters are always stored in float32")
     im.add_argument("--preset", default="moe_tiny", help="configs.base preset the fine-tune config starts from")
     im.add_argument("--scan_layers", action="store_true", help="stack the MoE blocks (nnx.scan)")
     im.add_argument("--remat", default=None)

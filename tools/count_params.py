@@ -23,9 +23,9 @@ def _fmt(n: int) -> str:
 def main(argv):
     del argv
     from model.param_count import count_params
-    from train.trainer import model_config
+    from model.config import ModelConfig
 
-    cfg = model_config(_CONFIG.value)
+    cfg = ModelConfig.from_dict(_CONFIG.value.model.to_dict())
     c = count_params(cfg)
     width = max(len(k) for k in c["components"]) + 2
     print(f"{'component':<{width}}{'params':>16}{'':>10}")

@@ -80,16 +80,16 @@ def main(argv):
         jax.config.update("jax_num_cpu_devices", n_dev)
     import numpy as np
 
+    from model.config import ModelConfig
     from train import sharding
     from train.optimizer import make_optimizer
     from train.state import abstract_state
     from train.step import sharded_train_step
-    from train.trainer import model_config
 
     devices = jax.devices()[:n_dev] if n_dev else jax.devices()
     mesh = sharding.make_mesh(config.mesh, devices)
     sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
-    cfg = model_config(config)
+    cfg = ModelConfig.from_dict(config.model.to_dict())
     tc = config.train
     sharding.check_fits(sizes, cfg, global_batch_size=tc.global_batch_size, microbatches=tc.microbatches)
 

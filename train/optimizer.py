@@ -14,11 +14,13 @@ Gradient accumulation is the trainer's microbatch scan, not ``optax.MultiSteps``
 from __future__ import annotations
 
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from ml_collections import config_dict
 
 SCHEDULES = ("cosine", "constant", "wsd")
 
@@ -46,6 +48,10 @@ def default_optimizer_config() -> ml_collections.ConfigDict:
     c.weight_decay = 0.1
     # Clip the global gradient norm to this value before Adam; 0 or None disables clipping.
     c.clip_norm = 1.0
+    # Storage dtype of Adam's first moment (optax ``mu_dtype``); unset = the parameters' (float32).
+    # "bfloat16" is the one low-precision state the DeepSeek-V3 report allows (Sec. 3.3); the
+    # parameters, the second moment and the gradient accumulation stay float32.
+    c.mu_dtype = config_dict.placeholder(str)
     return c
 
 
@@ -58,7 +64,8 @@ def make_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
     wsd:      lr until total - decay_steps, then linear to min over decay_steps
               (decay_steps = round(decay_fraction * total); Hägele et al. 2024, "Scaling Laws and
               Compute-Optimal Training Beyond Fixed Training Durations")
-    with min = lr * min_lr_ratio. Steps past total_steps stay at the final value.
+    with min = lr * min_lr_ratio. Steps past total_steps stay at the final value. A warmup longer
+    than the run (e.g. a short test run of a long recipe) is clipped to total_steps, with a warning.
     """
     peak = float(opt_cfg.lr)
     kind = opt_cfg.schedule
@@ -66,8 +73,12 @@ def make_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
     floor = peak * float(opt_cfg.min_lr_ratio)
     if kind not in SCHEDULES:
         raise ValueError(f"optimizer.schedule must be one of {SCHEDULES}, got {kind!r}")
-    if total_steps <= 0 or not 0 <= warmup <= total_steps:
-        raise ValueError(f"need 0 <= warmup_steps={warmup} <= total_steps={total_steps} and total_steps > 0")
+    if total_steps <= 0 or warmup < 0:
+        raise ValueError(f"need warmup_steps={warmup} >= 0 and total_steps={total_steps} > 0")
+    if warmup > total_steps:
+        warnings.warn(f"optimizer.warmup_steps={warmup} exceeds the run's {total_steps} steps; "
+                      f"warming up over all {total_steps} steps instead", stacklevel=1)  # one warning per run
+        warmup = total_steps
     decay_steps = 0
     if kind == "wsd":
         if not 0.0 <= float(opt_cfg.decay_fraction) <= 1.0:
@@ -102,6 +113,7 @@ def make_optimizer(opt_cfg, total_steps: int) -> optax.GradientTransformation:
         eps=float(opt_cfg.eps),
         weight_decay=float(opt_cfg.weight_decay),
         mask=decay_mask,
+        mu_dtype=opt_cfg.get("mu_dtype"),
     )
     if not opt_cfg.clip_norm:
         return adamw

@@ -52,7 +52,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, train_cfg):
             add = lambda a, b: a + b
             return (jax.tree.map(add, g_acc, g), jax.tree.map(add, m_acc, m), jax.tree.map(add, load_acc, load)), None
 
-        zeros_g = jax.tree.map(jnp.zeros_like, params)
+        zeros_g = jax.tree.map(lambda p: jnp.zeros_like(p, jnp.float32), params)  # f32 sums (V3 report Sec. 3.3)
         zeros_m = {k: jnp.zeros((), jnp.float32) for k in ("loss", "main_loss", "mtp_loss", "balance_loss", "dropped_tokens")}
         zeros_l = jax.tree.map(jnp.zeros_like, nnx.state(merge(graphdef, params, rest), ExpertLoad))
         (grads, metrics, loads), _ = jax.lax.scan(accumulate, (zeros_g, zeros_m, zeros_l), micro)

@@ -41,17 +41,6 @@ class NonFiniteError(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
 
 
-def model_config(config) -> ModelConfig:
-    """``config.model`` plus the kernel backend ``config.kernels.impl`` (auto | pallas | xla), with
-    ``model.dtype = "auto"`` resolved for the current backend."""
-    fields = config.model.to_dict()
-    if "kernels" in config:
-        fields["kernels_impl"] = config.kernels.impl
-    if fields.get("dtype") == "auto":  # bf16 compute on accelerators, f32 on CPU
-        fields["dtype"] = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-    return ModelConfig.from_dict(fields)
-
-
 def _check_batch_config(config) -> None:
     t = config.train
     if t.microbatches < 1:
@@ -91,7 +80,10 @@ def train_and_evaluate(config, workdir: str, *, on_step: Optional[Callable[[int]
     mesh_sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
 
     # ---- model and tokenizer ----
-    cfg = model_config(config)
+    cfg = ModelConfig.from_dict(config.model.to_dict())
+    if cfg.param_dtype != "float32":  # master weights (DeepSeek-V3 report Sec. 3.3)
+        raise ValueError(f"model.param_dtype={cfg.param_dtype!r}: training keeps float32 parameters; "
+                         f"set model.dtype for {cfg.param_dtype} compute (optimizer.mu_dtype for the moments)")
     sharding.check_fits(mesh_sizes, cfg, global_batch_size=tc.global_batch_size, microbatches=tc.microbatches)
     tokenizer = data_lib.load_tokenizer(config.data)
     if tokenizer.vocab_size > cfg.vocab_size:

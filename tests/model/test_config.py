@@ -27,3 +27,16 @@ def test_invalid_shapes_are_refused(kw, msg):
 def test_unknown_field_is_refused():
     with pytest.raises(ValueError, match=r"unknown field\(s\) \['d_modle'\]"):
         ModelConfig.from_dict({"d_modle": 3})
+
+
+def test_auto_compute_dtype_resolves_in_model_config():
+    """dtype "auto" is resolved on construction (f32 on the CPU test backend); param_dtype has no auto."""
+    import jax
+
+    cfg = tiny_config(dtype="auto")
+    assert cfg.dtype == ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+    assert ModelConfig.from_dict({**cfg.__dict__, "dtype": "auto"}) == cfg
+    with pytest.raises(ValueError, match="param_dtype must be one of"):
+        tiny_config(param_dtype="auto")
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        tiny_config(dtype="fp8")

@@ -9,13 +9,14 @@ import pytest
 from flax import nnx
 
 from model import decode, presets
-from model.config import ModelConfig, YarnConfig
+from model.config import YarnConfig
 from model.transformer import Transformer
 from tests.tolerances import assert_close
+from tests.util import tiny_config
 
-CFG = ModelConfig(d_model=64, n_layers=3, n_heads=2, q_lora_rank=32, kv_lora_rank=24, qk_nope_head_dim=16,
-                  qk_rope_head_dim=8, v_head_dim=16, dense_ffn_dim=96, moe_ffn_dim=32, n_routed_experts=8,
-                  n_experts_per_tok=2, n_group=2, topk_group=1, max_seq_len=64,
+CFG = tiny_config(vocab_size=264, d_model=64, q_lora_rank=32, kv_lora_rank=24, qk_nope_head_dim=16,
+                  qk_rope_head_dim=8, v_head_dim=16, dense_ffn_dim=96, moe_ffn_dim=32, n_group=2, topk_group=1,
+                  moe_block_rows=64,
                   yarn=YarnConfig(factor=4.0, original_max_position_embeddings=16, mscale=0.9, mscale_all_dim=0.8))
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from model.config import YarnConfig
 from model.rope import apply_rope, inv_frequencies, rope_angles
+from tests.tolerances import assert_close
 
 
 def closed_form_inv_freq(dim, theta, yarn):
@@ -51,7 +52,7 @@ def test_rotation_is_complex_multiplication(interleave):
         for i in range(dim // 2):
             a, b = (2 * i, 2 * i + 1) if interleave else (i, i + dim // 2)
             z = complex(x[0, t, a], x[0, t, b]) * cmath.exp(1j * pos[0, t] * theta ** (-2 * i / dim))
-            np.testing.assert_allclose([y[0, t, a], y[0, t, b]], [z.real, z.imag], rtol=1e-5, atol=1e-5)
+            assert_close([y[0, t, a], y[0, t, b]], [z.real, z.imag])
 
 
 def test_relative_position_property():

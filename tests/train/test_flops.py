@@ -1,6 +1,7 @@
 import pytest
 
 from model.config import ModelConfig
+from tests.util import tiny_config
 from train import flops
 
 
@@ -10,7 +11,7 @@ def _cfg(**kw):
                 n_routed_experts=8, n_shared_experts=1, n_experts_per_tok=2, moe_ffn_dim=12,
                 n_group=1, topk_group=1, mtp_depth=1)
     base.update(kw)
-    return ModelConfig(**base)
+    return tiny_config(**base)
 
 
 def test_flops_by_hand():

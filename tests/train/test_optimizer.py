@@ -43,7 +43,7 @@ def test_no_warmup_and_bad_config():
     with pytest.raises(ValueError, match="schedule"):
         opt_lib.make_schedule(_cfg(schedule="linear"), 10)
     with pytest.raises(ValueError, match="warmup"):
-        opt_lib.make_schedule(_cfg(warmup_steps=20), 10)
+        opt_lib.make_schedule(_cfg(warmup_steps=-1), 10)
 
 
 class _Tiny(nnx.Module):
@@ -80,3 +80,12 @@ def test_clip_before_adam():
     updates, _ = tx.update(grads, state, params)
     np.testing.assert_allclose(updates["a"], -1.0, rtol=1e-5)
     assert opt_lib.make_optimizer(_cfg(clip_norm=0.0, warmup_steps=0), 10).init(params) is not None
+
+
+def test_warmup_longer_than_the_run_is_clipped_with_a_warning():
+    """configs/moe_tiny.py (warmup 30) with --config.train.steps=4: warm up over the 4 steps."""
+    with pytest.warns(UserWarning, match="warmup_steps=30 exceeds the run's 4 steps"):
+        lr = _lrs(_cfg(lr=1.0, warmup_steps=30, schedule="cosine", min_lr_ratio=0.1), 4, [0, 1, 2, 3])
+    np.testing.assert_allclose(lr, [0.25, 0.5, 0.75, 1.0], rtol=1e-6)  # the run's 4 steps: all warmup
+    with pytest.warns(UserWarning, match="warmup_steps=30"):
+        opt_lib.make_optimizer(_cfg(warmup_steps=30), 4)

@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 
 from configs import moe_tiny
+from model.config import ModelConfig
 from tests.tolerances import assert_close
 from train import sharding
 from train.optimizer import make_optimizer
 from train.state import abstract_state, init_state
 from train.step import sharded_train_step
 from train.synthetic import synthetic_batches as _synthetic
-from train.trainer import model_config
 
 MESHES = [dict(data=8), dict(fsdp=8), dict(data=2, expert=4), dict(data=2, expert=2, tensor=2),
           dict(fsdp=2, expert=2, tensor=2)]
@@ -59,7 +59,7 @@ def train(**mesh_sizes) -> dict:
         return _RUNS[key]
     c = small_config(**mesh_sizes)
     mesh = sharding.make_mesh(c.mesh)
-    cfg = model_config(c)
+    cfg = ModelConfig.from_dict(c.model.to_dict())
     sharding.check_fits(dict(zip(mesh.axis_names, mesh.axis_sizes)), cfg,
                         global_batch_size=c.train.global_batch_size)
     tx = make_optimizer(c.optimizer, c.train.steps)

@@ -10,13 +10,11 @@ import numpy as np
 import pytest
 
 from configs.base import build
+from tests.util import TINY
 from train.checkpoint import CheckpointMismatchError, CorruptCheckpointError
 from train.trainer import NonFiniteError, train_and_evaluate
 
-TINY_MODEL = dict(vocab_size=264, d_model=32, n_layers=2, first_k_dense=1, dense_ffn_dim=48, n_heads=2,
-                  q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
-                  n_routed_experts=4, n_shared_experts=1, n_experts_per_tok=2, moe_ffn_dim=16, n_group=2,
-                  topk_group=1, mtp_depth=1, moe_block_rows=8)
+TINY_MODEL = {**TINY, **dict(vocab_size=264, n_layers=2, q_lora_rank=16, n_routed_experts=4, n_group=2, topk_group=1)}
 
 
 @pytest.fixture
