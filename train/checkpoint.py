@@ -317,11 +317,13 @@ class Checkpointer:
             raise CorruptCheckpointError(f"{len(bad)} item(s) fail their checksum: " + "; ".join(bad[:5]))
 
     def _collect_garbage(self):
-        """Deletes committed steps beyond the newest ``keep`` (except protected ones)."""
-        if self.keep is None:
-            return
+        """Deletes committed steps beyond the newest ``keep`` (except protected ones), and step dirs
+        without commit marker older than the newest committed step (a killed deletion's remains)."""
         committed = self._committed_steps()
-        doomed = [s for s in committed[:-self.keep] if s not in self._protected]
+        if not committed:
+            return
+        doomed = [] if self.keep is None else [s for s in committed[:-self.keep] if s not in self._protected]
+        doomed += [s for s in self._mngr.all_steps() if s < committed[-1] and s not in committed]
         if not doomed:
             return
         if jax.process_index() == 0:
