@@ -47,7 +47,7 @@ import logging as std_logging
 import os
 import re
 import time
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import numpy as np
@@ -85,7 +85,7 @@ class Checkpointer:
     (it then never becomes a committed step; the previous one stays the latest).
     """
 
-    def __init__(self, directory, *, keep: Optional[int] = 3, save_every: int, async_save: bool = True,
+    def __init__(self, directory, *, keep: int | None = 3, save_every: int, async_save: bool = True,
                  read_only: bool = False):
         if save_every <= 0:
             raise ValueError(f"save_every must be > 0, got {save_every}")
@@ -116,7 +116,7 @@ class Checkpointer:
                            "meta": ocp.JsonCheckpointHandler()})
         self._dir_checked = False
         self._protected: set[int] = set()
-        self._in_flight: Optional[int] = None  # step of a started save not yet seen committed
+        self._in_flight: int | None = None  # step of a started save not yet seen committed
         self._failed = False
         self._quiet = _OrbaxThreadErrors()
         logging.get_absl_logger().addFilter(self._quiet)
@@ -185,7 +185,7 @@ class Checkpointer:
         self._protected = {int(s) for s in steps if s is not None}
 
     # --- restoring ---
-    def latest_step(self) -> Optional[int]:
+    def latest_step(self) -> int | None:
         """Newest committed step, or None."""
         steps = self._committed_steps()
         return steps[-1] if steps else None
@@ -202,7 +202,7 @@ class Checkpointer:
         meta.pop(_INTEGRITY, None)
         return meta
 
-    def restore(self, abstract_state: Any, *, expected_model: Optional[dict] = None,
+    def restore(self, abstract_state: Any, *, expected_model: dict | None = None,
                 allow_fallback: bool = False, fresh_start_ok: bool = False):
         """Restores the newest committed step: ``(step, state, data_state, meta)``, or None if none.
 
@@ -273,7 +273,7 @@ class Checkpointer:
             logging.get_absl_logger().removeFilter(self._quiet)
             try:
                 self._mngr.close()
-            except Exception:  # noqa: BLE001 -- the failed save was reported already
+            except Exception:
                 if not self._failed:
                     raise
 
@@ -300,7 +300,7 @@ class Checkpointer:
             raise self._write_error(step, None)
         self._collect_garbage()
 
-    def _write_error(self, step: Optional[int], err: Optional[Exception]) -> CheckpointWriteError:
+    def _write_error(self, step: int | None, err: Exception | None) -> CheckpointWriteError:
         self._failed = True
         cause = err if err is not None else self._quiet.last
         cause = " ".join(str(cause).split())[:400] if cause else "no commit marker was written"

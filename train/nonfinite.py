@@ -19,22 +19,20 @@ wild): then every later step is non-finite too. Hence the rules here:
 
 from __future__ import annotations
 
-from typing import Optional
-
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
 
 
 class NonFiniteGuard:
-    def __init__(self, ckpt, max_in_a_row: int, restored_step: Optional[int]):
+    def __init__(self, ckpt, max_in_a_row: int, restored_step: int | None):
         if max_in_a_row < 1:
             raise ValueError(f"train.max_nonfinite_steps must be >= 1, got {max_in_a_row}")
         self.ckpt = ckpt
         self.max_in_a_row = int(max_in_a_row)
         self.in_a_row = 0
-        self.verified: Optional[int] = None
-        self.unverified: Optional[int] = restored_step
+        self.verified: int | None = None
+        self.unverified: int | None = restored_step
 
     def may_save(self) -> bool:
         return self.in_a_row == 0
@@ -42,7 +40,7 @@ class NonFiniteGuard:
     def saved(self, step: int):
         self.unverified = step
 
-    def after_step(self, step: int, finite: bool) -> Optional[str]:
+    def after_step(self, step: int, finite: bool) -> str | None:
         """Records step ``step``; returns a log line for a non-finite one, raises after too many."""
         if finite:
             self.in_a_row = 0

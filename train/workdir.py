@@ -166,7 +166,7 @@ class _LeaseLock:
                 self.path.unlink(missing_ok=True)
 
 
-class lock:  # noqa: N801 -- used as ``with workdir.lock(path):``
+class lock:
     """Exclusive hold on ``workdir`` for this process (see the module docstring)."""
 
     def __init__(self, workdir, *, process_index: int = 0):

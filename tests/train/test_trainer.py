@@ -143,7 +143,8 @@ def test_corrupt_latest_checkpoint(corpus, tmp_path):
         train_and_evaluate(fallback, wd)
     with pytest.raises(CorruptCheckpointError, match="refusing to start from scratch.*start_from_scratch=True"):
         train_and_evaluate(fallback, wd)
-    assert sorted(p.split(".")[0] for p in os.listdir(os.path.join(wd, "checkpoints"))) == ["2", "4", "6"]
+    names = os.listdir(os.path.join(wd, "checkpoints"))
+    assert {p.split(".")[0] for p in names} == {"2", "4", "6"} and all(".corrupt-" in p for p in names)
 
 
 def _truncate_arrays(step_dir):

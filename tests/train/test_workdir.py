@@ -72,7 +72,7 @@ def _read_only_command(path, argv):
     if os.geteuid() != 0:
         os.chmod(path, 0o555)
         return argv
-    if not shutil.which("unshare") or subprocess.run(["unshare", "-rm", "true"]).returncode != 0:
+    if not shutil.which("unshare") or subprocess.run(["unshare", "-rm", "true"], check=False).returncode != 0:
         pytest.skip("running as root without user namespaces: no way to make a read-only directory")
     quoted = " ".join(f"'{a}'" for a in argv)
     return ["unshare", "-rm", "sh", "-c",
@@ -86,6 +86,6 @@ def test_read_only_checkpoint_dir_fails_within_seconds(corpus, tmp_path):  # noq
               "train_and_evaluate(tiny(sys.argv[1]), sys.argv[2])")
     cmd = _read_only_command(wd / "checkpoints", [sys.executable, "-c", script, corpus, str(wd)])
     t0 = time.monotonic()
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=200, cwd=os.getcwd())
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=200, cwd=os.getcwd(), check=False)
     assert r.returncode != 0 and time.monotonic() - t0 < 60  # not orbax's 300 s barrier
     assert f"WorkdirError: checkpoint directory {wd}/checkpoints is not writable: Read-only file system" in r.stderr
