@@ -186,7 +186,10 @@ def main(argv=None):
         print(f"or, with another config built on preset {args.preset}: --config.train.init_checkpoint={out} "
               + " ".join(flags))
     else:
-        files = export_hf(args.ckpt, args.out, max_shard_bytes=int(args.max_shard_gb * (1 << 30)))
+        try:
+            files = export_hf(args.ckpt, args.out, max_shard_bytes=int(args.max_shard_gb * (1 << 30)))
+        except (FileExistsError, FileNotFoundError) as e:
+            raise SystemExit(f"error: {e}") from None
         print(f"wrote {args.out}: config.json + {len(files)} safetensors file(s)")
 
 

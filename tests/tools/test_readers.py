@@ -51,6 +51,8 @@ def test_export_refuses_a_non_empty_directory_and_swaps_atomically(weights, tmp_
     (out / "model-00001-of-00002.safetensors").write_text("stale")
     with pytest.raises(FileExistsError, match="not an empty directory"):
         convert_hf.export_hf(str(weights), str(out))
+    with pytest.raises(SystemExit, match="^error: --out .* is not an empty directory"):  # the CLI: one line
+        convert_hf.main(["export", "--ckpt", str(weights), "--out", str(out)])
     assert os.listdir(out) == ["model-00001-of-00002.safetensors"]  # untouched
     shutil.rmtree(out)
     out.mkdir()  # an empty directory is fine
