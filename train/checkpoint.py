@@ -159,7 +159,7 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001 -- a synchronous write failure
             raise self._write_error(step, e) from None
         if started:
-            self._in_flight = step
+            self._in_flight, self._failed = step, False
             self.poll()
         return started
 
