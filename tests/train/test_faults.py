@@ -22,7 +22,7 @@ import time
 import pytest
 
 from tests.train.test_checkpoint import disk_full_at  # noqa: F401 -- a fixture
-from tests.train.test_trainer import corpus, tiny  # noqa: F401 -- corpus is a fixture
+from tests.train.test_trainer import corpus, losses, tiny  # noqa: F401 -- corpus is a fixture
 from train.checkpoint import CheckpointWriteError
 from train.trainer import train_and_evaluate
 
@@ -44,15 +44,6 @@ def _run(workdir, corpus, point, cache):  # noqa: F811
                           capture_output=True, text=True, env=env, timeout=300, check=False)
 
 
-def _losses(workdir):
-    out = {}
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for row in map(json.loads, f):
-            if "loss" in row:
-                out[row["step"]] = row["loss"]  # the last line of a step: what the run that kept it wrote
-    return out
-
-
 def test_sigkill_at_five_points_resumes_bitwise(corpus, tmp_path):  # noqa: F811
     cache = tmp_path / "jax_cache"
     ref = _run(tmp_path / "ref", corpus, "none", cache)
@@ -66,7 +57,7 @@ def test_sigkill_at_five_points_resumes_bitwise(corpus, tmp_path):  # noqa: F811
         if point != "restore":  # the restore kill dies before any step
             first = int(re.search(r"FIRST_STEP (\d+)", r.stdout).group(1))
             assert first == (resumed_from or 0) + 1, (point, r.stdout)
-    want, got = _losses(tmp_path / "ref"), _losses(wd)
+    want, got = losses(tmp_path / "ref"), losses(wd)
     assert sorted(got) == sorted(want) == list(range(1, 9))
     assert [got[s] for s in range(1, 9)] == [want[s] for s in range(1, 9)]  # bitwise: CPU is deterministic
     ref_summary = json.loads((tmp_path / "ref" / "summary.json").read_text())

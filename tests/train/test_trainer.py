@@ -48,6 +48,17 @@ def tiny(corpus, **train):
     return c
 
 
+def losses(workdir):
+    """step -> loss, the last line written for each step (a resumed run rewrites the steps it redoes)."""
+    out = {}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            row = json.loads(line)
+            if "loss" in row:
+                out[row["step"]] = row["loss"]
+    return out
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_saves_and_exits_cleanly(corpus, tmp_path, monkeypatch, sig):
     """SIGTERM (preemption) and SIGINT (Ctrl-C) both save the current step and return."""
