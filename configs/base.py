@@ -90,12 +90,14 @@ def build(preset: str) -> ml_collections.ConfigDict:
     t.eval_batches = 8
     # Save a checkpoint every this many steps (and always at the end and on SIGTERM).
     t.checkpoint_every = 250
-    # Checkpoints kept (older ones are deleted).
+    # Checkpoints kept (older ones are deleted), >= 1.
     t.keep_checkpoints = 3
     # Write checkpoints in a background thread.
     t.async_checkpoint = True
     # If the latest checkpoint is corrupt, restore the previous one instead of stopping.
     t.restore_fallback = False
+    # Start from step 0 even though every checkpoint in the workdir was quarantined as corrupt.
+    t.start_from_scratch = False
     # Initialise the parameters from this checkpoint (e.g. from tools.convert_hf) when the workdir is new.
     t.init_checkpoint = config_dict.placeholder(str)
     # Stop after this many consecutive steps with a non-finite loss or gradient (each is skipped).

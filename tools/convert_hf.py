@@ -17,7 +17,10 @@ that, but only for a run whose ``config.model`` equals the checkpoint's. So ``im
 
 ``export`` reads a weights-only checkpoint or a training workdir (its newest checkpoint under
 ``<workdir>/checkpoints``) and writes a directory transformers' ``DeepseekV3ForCausalLM``
-loads (MTP modules included as ``model.layers.{N + k}.*``, which transformers ignores).
+loads (MTP modules included as ``model.layers.{N + k}.*``, which transformers ignores). It
+refuses a non-empty ``--out`` (stale shards would mix with the new ones) and writes into a
+temporary sibling that is renamed to ``--out`` when complete. Checkpoints are opened read-only:
+reading a live training workdir changes nothing in it.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import argparse
 import dataclasses
 import os
 import pprint
+import shutil
 from pathlib import Path
 
 import jax
@@ -79,12 +83,12 @@ def load_model(path: str) -> Transformer:
     """A weights-only checkpoint (``import``'s output) or a training workdir's newest checkpoint."""
     p = Path(path)
     workdir = (p / "checkpoints").is_dir()
-    ckpt = Checkpointer(p / "checkpoints" if workdir else p, save_every=1, async_save=False)
+    ckpt = Checkpointer(p / "checkpoints" if workdir else p, save_every=1, async_save=False, read_only=True)
     try:
         step = ckpt.latest_step()
         if step is None:
             raise FileNotFoundError(f"{ckpt.directory}: no committed checkpoint")
-        meta = ckpt._read_meta(step)
+        meta = ckpt.read_meta(step)
         cfg = ModelConfig.from_dict(meta["model"])
         if workdir:  # the full train state: its structure needs the run's optimizer
             from train.optimizer import make_optimizer
@@ -128,7 +132,20 @@ def import_hf(hf_dir: str, out: str, *, dtype: str = "auto", preset: str = "moe_
 
 
 def export_hf(ckpt: str, out: str, *, max_shard_bytes: int = 4 << 30) -> list[str]:
-    return hf.save_pretrained(load_model(ckpt), out, max_shard_bytes=max_shard_bytes)
+    out = Path(out).absolute()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"--out {out} exists and is not an empty directory; export writes a fresh "
+                              f"one (stale shards would mix with the new): remove it or choose another")
+    model = load_model(ckpt)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    try:
+        files = hf.save_pretrained(model, str(tmp), max_shard_bytes=max_shard_bytes)
+        if out.exists():
+            out.rmdir()  # empty (checked above); fails rather than clobber if something appeared since
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # only left on failure
+    return files
 
 
 def _overrides(base: ModelConfig, cfg: ModelConfig) -> list[str]:
@@ -177,7 +194,10 @@ def main(argv=None):
         print(f"or, with another config built on preset {args.preset}: --config.train.init_checkpoint={out} "
               + " ".join(flags))
     else:
-        files = export_hf(args.ckpt, args.out, max_shard_bytes=int(args.max_shard_gb * (1 << 30)))
+        try:
+            files = export_hf(args.ckpt, args.out, max_shard_bytes=int(args.max_shard_gb * (1 << 30)))
+        except (FileExistsError, FileNotFoundError) as e:
+            raise SystemExit(f"error: {e}") from None
         print(f"wrote {args.out}: config.json + {len(files)} safetensors file(s)")
 
 

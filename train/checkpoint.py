@@ -19,16 +19,35 @@ What this layer adds to orbax, and why:
 * **Corruption is loud.** A step that fails to read raises ``CorruptCheckpointError``; with
   ``allow_fallback`` it is renamed to ``<step>.corrupt-<time>`` (kept for inspection, invisible
   to orbax, so the resumed run can save that step again) and the next older step is tried.
-* **Never clobber.** An existing committed step is never re-saved (``save`` returns False); old
-  steps are garbage-collected by orbax only after a new one is finalised.
+* **Never clobber.** An existing committed step is never re-saved (``save`` returns False). Old
+  steps are garbage-collected here, not by orbax (orbax deletes old steps even after a failed
+  save), and only once a newer step is committed: the newest ``keep`` (>= 1) committed steps stay,
+  and so do the steps passed to ``protect`` (the trainer protects the last good checkpoint while
+  steps go non-finite). A step is unmarked (its commit marker removed) before it is deleted, so a
+  run killed mid-deletion leaves an ignored directory, never a half-deleted "committed" step.
+* **Checksums.** ``save`` fingerprints every array (``train/integrity.py``) and the data state
+  before writing and stores them in ``meta``; ``restore`` recomputes and compares them. A flipped
+  byte, a truncated file or a lost ``state/_METADATA`` is ``CorruptCheckpointError`` (which
+  ``allow_fallback`` handles as above), never a silent restore nor a "different model" error.
+* **Everything quarantined is not "no checkpoint".** A directory whose steps were all moved aside
+  as corrupt refuses a fresh start (``restore`` raises) unless ``fresh_start_ok``.
+* **Fail at the failing save.** The directory is checked writable when the ``Checkpointer`` is
+  created (a read-only mount fails in a second, not in orbax's 300 s barrier). A save that fails
+  in the background (disk full) raises ``CheckpointWriteError``, one line naming the step and the
+  cause, at the next ``poll``/``save``/``wait``; orbax's thread tracebacks are kept off the log.
+* **Readers change nothing.** ``read_only=True`` (``tools.generate``, ``tools.convert_hf``) never
+  creates, deletes, renames or cleans anything: it can read the workdir of a live trainer,
+  whose in-flight ``*.orbax-checkpoint-tmp`` dirs it leaves alone.
 """
 
 from __future__ import annotations
 
 import json
+import logging as std_logging
 import os
+import re
 import time
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import numpy as np
@@ -36,9 +55,14 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from train import integrity
+from train.workdir import ensure_writable_dir
+
 _ITEMS = ("state", "data", "meta")
 _COMMIT_FILE = "commit_success.txt"
 _STEP_METADATA_FILE = "_CHECKPOINT_METADATA"
+_INTEGRITY = "_integrity"  # meta key holding the checksums (stripped from what restore returns)
+_QUARANTINED = re.compile(r"^\d+\.corrupt-")
 _MAX_LISTED = 12  # differences named in an error message
 
 
@@ -47,7 +71,11 @@ class CheckpointMismatchError(ValueError):
 
 
 class CorruptCheckpointError(RuntimeError):
-    """A committed checkpoint could not be read."""
+    """A committed checkpoint could not be read, or its contents fail their checksums."""
+
+
+class CheckpointWriteError(OSError):
+    """A save failed (disk full, permissions, ...); the checkpoints committed before it are intact."""
 
 
 class Checkpointer:
@@ -57,18 +85,29 @@ class Checkpointer:
     (it then never becomes a committed step; the previous one stays the latest).
     """
 
-    def __init__(self, directory, *, keep: Optional[int] = 3, save_every: int, async_save: bool = True):
+    def __init__(self, directory, *, keep: int | None = 3, save_every: int, async_save: bool = True,
+                 read_only: bool = False):
         if save_every <= 0:
             raise ValueError(f"save_every must be > 0, got {save_every}")
+        if keep is not None and keep < 1:
+            raise ValueError(f"keep_checkpoints must be >= 1 (or None: keep all), got {keep}; "
+                             f"{keep} would delete every checkpoint, the final one too")
         if "://" not in str(directory):  # local path: orbax needs it absolute
             directory = os.path.abspath(directory)
         self.directory = epath.Path(directory)
         self.save_every = int(save_every)
+        self.keep = keep
+        self.read_only = read_only
+        if read_only and not self.directory.is_dir():
+            raise FileNotFoundError(f"{self.directory}: no such checkpoint directory")
+        if not read_only:
+            ensure_writable_dir(self.directory, "checkpoint directory")
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep,
-            enable_async_checkpointing=async_save,
-            create=True,
-            cleanup_tmp_directories=True,  # leftovers of killed saves; never complete, safe to drop
+            max_to_keep=None,  # garbage collection is ours (_collect_garbage)
+            enable_async_checkpointing=async_save and not read_only,
+            create=not read_only,
+            read_only=read_only,
+            cleanup_tmp_directories=not read_only,  # leftovers of killed saves; never complete
         )
         self._mngr = ocp.CheckpointManager(
             self.directory, options=options,
@@ -76,19 +115,27 @@ class Checkpointer:
                            "data": ocp.JsonCheckpointHandler(),
                            "meta": ocp.JsonCheckpointHandler()})
         self._dir_checked = False
+        self._protected: set[int] = set()
+        self._in_flight: int | None = None  # step of a started save not yet seen committed
+        self._failed = False
+        self._quiet = _OrbaxThreadErrors()
+        logging.get_absl_logger().addFilter(self._quiet)
 
     # --- saving ---
     def save(self, step: int, state: Any, *, data_state: dict, meta: dict, force: bool = False) -> bool:
         """Starts saving ``step`` if it is a multiple of ``save_every`` (or ``force``).
 
-        Returns True if a save was started. Errors of the previous async save surface here.
+        Returns True if a save was started. A failure of the previous async save raises
+        ``CheckpointWriteError`` here.
         """
         step = int(step)
+        if self.read_only:
+            raise PermissionError(f"{self.directory} was opened read-only")
         if not force and step % self.save_every:
             return False
         _check_json("data_state", data_state)
         _check_json("meta", meta)
-        self._mngr.wait_until_finished()  # the step list below must include the previous save
+        self._finish()  # the step list below must include the previous save
         committed = self._committed_steps()
         if not self._dir_checked:
             if committed:
@@ -104,60 +151,131 @@ class Checkpointer:
             return False
         if step in self._mngr.all_steps():  # a dir without commit marker: stale, keep it aside
             self._quarantine(step, "incomplete")
+        sums = {"state": integrity.tree_checksums(state), "data": integrity.json_checksum(data_state)}
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-                                  meta=ocp.args.JsonSave(meta))
-        return bool(self._mngr.save(step, args=args, force=True))
+                                  meta=ocp.args.JsonSave({**meta, _INTEGRITY: sums}))
+        try:
+            started = bool(self._mngr.save(step, args=args, force=True))
+        except Exception as e:  # noqa: BLE001 -- a synchronous write failure
+            raise self._write_error(step, e) from None
+        if started:
+            self._in_flight, self._failed = step, False
+            self.poll()
+        return started
+
+    def poll(self):
+        """Raises ``CheckpointWriteError`` now if the async save in flight has failed; never blocks.
+
+        Cheap (nothing is read while a save is in progress): the trainer calls it every step so a
+        failed save stops the run at once rather than at the next save.
+        """
+        if self._in_flight is None or self._mngr.is_saving_in_progress():
+            return
+        step = self._in_flight
+        try:
+            self._mngr.wait_until_finished()  # finished: returns at once, raising its error
+        except Exception as e:  # noqa: BLE001
+            raise self._write_error(step, e) from None
+        if not _is_committed(self._step_dir(step)):
+            raise self._write_error(step, None)
+        self._in_flight = None
+
+    def protect(self, steps):
+        """Steps kept by garbage collection (besides the newest ``keep``) until the next call."""
+        self._protected = {int(s) for s in steps if s is not None}
 
     # --- restoring ---
-    def latest_step(self) -> Optional[int]:
+    def latest_step(self) -> int | None:
         """Newest committed step, or None."""
         steps = self._committed_steps()
         return steps[-1] if steps else None
 
-    def restore(self, abstract_state: Any, *, expected_model: Optional[dict] = None,
-                allow_fallback: bool = False):
+    def quarantined(self) -> list[str]:
+        """Names of the step dirs moved aside as corrupt."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(p.name for p in self.directory.iterdir() if _QUARANTINED.match(p.name))
+
+    def read_meta(self, step: int) -> dict:
+        """The ``meta`` dict saved with ``step`` (without the checksums)."""
+        meta = self._read_meta(step)
+        meta.pop(_INTEGRITY, None)
+        return meta
+
+    def restore(self, abstract_state: Any, *, expected_model: dict | None = None,
+                allow_fallback: bool = False, fresh_start_ok: bool = False):
         """Restores the newest committed step: ``(step, state, data_state, meta)``, or None if none.
 
         ``abstract_state``: pytree of ``jax.ShapeDtypeStruct`` (with ``.sharding`` to restore sharded)
         or of arrays, same structure as what was saved. ``expected_model``: the model config dict;
-        None skips that check. Raises ``CheckpointMismatchError`` or ``CorruptCheckpointError``.
+        None skips that check. Raises ``CheckpointMismatchError`` or ``CorruptCheckpointError``
+        (also when there is no step but quarantined ones, unless ``fresh_start_ok``).
         """
-        self._mngr.wait_until_finished()
+        self._finish()
         self._mngr.reload()
         for s in sorted(set(self._mngr.all_steps()) - set(self._committed_steps())):
             logging.warning("Ignoring checkpoint dir %s: no commit marker (save interrupted?).",
                             self._step_dir(s))
         abstract = jax.tree.map(_abstract_leaf, abstract_state)
+        want = {p: (tuple(x.shape), np.dtype(x.dtype)) for p, x in _flat_by_path(abstract).items()}
         tried = []
         for step in reversed(self._committed_steps()):
             tried.append(step)
             try:
                 meta = self._read_meta(step)
-                saved_arrays = self._mngr.item_metadata(step)["state"]
             except Exception as e:  # noqa: BLE001 -- any read failure means this step is unusable
                 self._on_corrupt(step, e, allow_fallback)
                 continue
+            sums = meta.pop(_INTEGRITY, None)
             if expected_model is not None:
                 self._compare_model(step, meta.get("model"), expected_model)
-            self._compare_arrays(step, getattr(saved_arrays, "tree", saved_arrays), abstract)
+            if sums is not None:  # what was saved, by the checksummed record: a real model mismatch
+                self._compare_arrays(step, {p: (tuple(v[0]), np.dtype(v[1])) for p, v in sums["state"].items()},
+                                     want)
             try:
+                saved = self._mngr.item_metadata(step)["state"]
+                saved = {p: (tuple(getattr(s, "shape", ()) or ()), getattr(s, "dtype", None))
+                         for p, s in _flat_by_path(getattr(saved, "tree", saved)).items()}
+                if sums is None:  # written before checksums: orbax's metadata is all we have
+                    self._compare_arrays(step, saved, want)
+                elif _array_diffs(saved, want):
+                    raise CorruptCheckpointError(
+                        "the array metadata (state/_METADATA) is missing or damaged: "
+                        + "; ".join(_array_diffs(saved, want)[:3]))
                 out = self._mngr.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+                if sums is not None:
+                    self._verify(out, sums)
+            except CheckpointMismatchError:
+                raise
             except Exception as e:  # noqa: BLE001
                 self._on_corrupt(step, e, allow_fallback)
                 continue
             return step, out["state"], out["data"], meta
         if tried:
             raise CorruptCheckpointError(f"No restorable checkpoint in {self.directory}: tried steps {tried}.")
+        if self.quarantined() and not fresh_start_ok:
+            raise CorruptCheckpointError(
+                f"{self.directory} holds no restorable checkpoint, only ones quarantined as corrupt "
+                f"({', '.join(self.quarantined())}); refusing to start from scratch over them "
+                f"(train.start_from_scratch=True does)")
         return None
 
     def wait(self):
-        """Blocks until the in-flight async save (if any) is committed."""
-        self._mngr.wait_until_finished()
+        """Blocks until the in-flight async save (if any) is committed, then collects garbage."""
+        self._finish()
 
     def close(self):
-        self._mngr.wait_until_finished()
-        self._mngr.close()
+        try:
+            if not self._failed:
+                self._finish()
+        finally:
+            logging.get_absl_logger().removeFilter(self._quiet)
+            try:
+                self._mngr.close()
+            except Exception:
+                if not self._failed:
+                    raise
 
     # --- helpers ---
     def _step_dir(self, step: int) -> epath.Path:
@@ -169,6 +287,56 @@ class Checkpointer:
     def _read_meta(self, step: int) -> dict:
         return self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
+    def _finish(self):
+        """Waits for the save in flight, checks it committed, collects garbage (all processes)."""
+        if self.read_only:
+            return
+        step, self._in_flight = self._in_flight, None
+        try:
+            self._mngr.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            raise self._write_error(step, e) from None
+        if step is not None and not _is_committed(self._step_dir(step)):
+            raise self._write_error(step, None)
+        self._collect_garbage()
+
+    def _write_error(self, step: int | None, err: Exception | None) -> CheckpointWriteError:
+        self._failed = True
+        cause = err if err is not None else self._quiet.last
+        cause = " ".join(str(cause).split())[:400] if cause else "no commit marker was written"
+        good = [s for s in self._committed_steps() if s != step]
+        return CheckpointWriteError(
+            f"saving checkpoint step {step} to {self.directory} failed: {cause} "
+            f"(the checkpoints before it are intact; newest: {good[-1] if good else 'none'})")
+
+    def _verify(self, out: dict, sums: dict):
+        bad = integrity.compare(sums["state"], integrity.tree_checksums(out["state"]))
+        if integrity.json_checksum(out["data"]) != sums["data"]:
+            bad.append("data state: checksum mismatch")
+        if bad:
+            raise CorruptCheckpointError(f"{len(bad)} item(s) fail their checksum: " + "; ".join(bad[:5]))
+
+    def _collect_garbage(self):
+        """Deletes committed steps beyond the newest ``keep`` (except protected ones), and step dirs
+        without commit marker older than the newest committed step (a killed deletion's remains)."""
+        committed = self._committed_steps()
+        if not committed:
+            return
+        doomed = [] if self.keep is None else [s for s in committed[:-self.keep] if s not in self._protected]
+        doomed += [s for s in self._mngr.all_steps() if s < committed[-1] and s not in committed]
+        if not doomed:
+            return
+        if jax.process_index() == 0:
+            for s in doomed:
+                d = self._step_dir(s)
+                for marker in (_COMMIT_FILE, _STEP_METADATA_FILE):  # uncommit first, then delete
+                    (d / marker).unlink(missing_ok=True)
+                d.rmtree()
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"checkpoint_gc_{committed[-1]}")
+        self._mngr.reload()
+
     def _on_corrupt(self, step: int, err: Exception, allow_fallback: bool):
         msg = (f"Checkpoint step {step} in {self.directory} is corrupt or unreadable: "
                f"{type(err).__name__}: {str(err)[:2000]}")
@@ -176,7 +344,8 @@ class Checkpointer:
             raise CorruptCheckpointError(msg + "\nrestore(allow_fallback=True) falls back to the "
                                          "previous step.") from err
         logging.warning("%s\nFalling back to the previous step.", msg)
-        self._quarantine(step, "corrupt")
+        if not self.read_only:
+            self._quarantine(step, "corrupt")
 
     def _quarantine(self, step: int, why: str):
         """Renames a bad step dir out of orbax's view; never deletes it."""
@@ -203,25 +372,43 @@ class Checkpointer:
             + "\nRefusing to resume from it, and this run will not overwrite it: use another "
               "workdir or the checkpoint's model config.")
 
-    def _compare_arrays(self, step: int, saved_tree: Any, abstract: Any):
-        saved = _flat_by_path(saved_tree)
-        want = _flat_by_path(abstract)
-        diffs = [f"  {p}: missing from checkpoint" for p in sorted(set(want) - set(saved))]
-        diffs += [f"  {p}: in checkpoint but not in the model state" for p in sorted(set(saved) - set(want))]
-        for p in sorted(set(want) & set(saved)):
-            w, s = want[p], saved[p]
-            s_shape, s_dtype = tuple(getattr(s, "shape", ()) or ()), getattr(s, "dtype", None)
-            if tuple(w.shape) != s_shape or (s_dtype is not None and np.dtype(s_dtype) != np.dtype(w.dtype)):
-                diffs.append(f"  {p}: checkpoint {s_shape} {s_dtype}, expected {tuple(w.shape)} {w.dtype}")
+    def _compare_arrays(self, step: int, saved: dict, want: dict):
+        diffs = _array_diffs(saved, want)
         if diffs:
             raise CheckpointMismatchError(
                 f"Checkpoint step {step} in {self.directory} does not match the model state "
-                f"({len(diffs)} arrays):\n" + "\n".join(diffs[:_MAX_LISTED])
+                f"({len(diffs)} arrays):\n" + "\n".join(f"  {d}" for d in diffs[:_MAX_LISTED])
                 + ("\n  ..." if len(diffs) > _MAX_LISTED else "")
                 + "\nRefusing to restore; this run will not overwrite it.")
 
 
+class _OrbaxThreadErrors(std_logging.Filter):
+    """Keeps orbax's background-thread tracebacks off the log: the failure they report is raised
+    once, as ``CheckpointWriteError``, by the ``Checkpointer`` (``last`` keeps the message)."""
+
+    def __init__(self):
+        super().__init__()
+        self.last = None
+
+    def filter(self, record):
+        if record.exc_info and record.levelno >= std_logging.ERROR and "orbax" in record.pathname:
+            self.last = record.exc_info[1]
+            return False
+        return True
+
+
 _MISSING = object()
+
+
+def _array_diffs(saved: dict, want: dict) -> list[str]:
+    """``saved``/``want``: path -> (shape, dtype or None)."""
+    diffs = [f"{p}: missing from checkpoint" for p in sorted(set(want) - set(saved))]
+    diffs += [f"{p}: in checkpoint but not in the model state" for p in sorted(set(saved) - set(want))]
+    for p in sorted(set(want) & set(saved)):
+        (w_shape, w_dtype), (s_shape, s_dtype) = want[p], saved[p]
+        if w_shape != s_shape or (s_dtype is not None and np.dtype(s_dtype) != np.dtype(w_dtype)):
+            diffs.append(f"{p}: checkpoint {s_shape} {s_dtype}, expected {w_shape} {w_dtype}")
+    return diffs
 
 
 def _is_committed(step_dir: epath.Path) -> bool:
@@ -239,16 +426,9 @@ def _abstract_leaf(x):
     return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None))
 
 
-def _key_name(k) -> str:
-    for attr in ("key", "idx", "name"):  # DictKey / FlattenedIndexKey, SequenceKey, GetAttrKey
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
 def _flat_by_path(tree) -> dict:
     leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)[0]
-    return {"/".join(_key_name(k) for k in path): leaf for path, leaf in leaves if leaf is not None}
+    return {integrity.path_str(path): leaf for path, leaf in leaves if leaf is not None}
 
 
 def _flatten_dict(d: Any, prefix: str = "") -> dict:

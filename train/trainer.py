@@ -3,10 +3,13 @@
 ``train_and_evaluate(config, workdir)`` is all ``train/main.py`` calls. It resumes from the newest
 checkpoint in ``workdir`` if there is one (refusing one written for a different model), trains
 ``config.train.steps`` optimizer steps, evaluates and checkpoints periodically and at the end,
-and writes ``summary.json``. SIGTERM (preemption) saves a checkpoint and returns cleanly. A resume
-announces and records config fields that differ from the checkpoint's, and takes the interrupted
-run's metric lines after the checkpoint out of ``metrics.jsonl`` (``train/metrics.py``); rerunning a
-finished run changes nothing. ``workdir`` may be local or a URL (``gs://bucket/run``, ``train/paths.py``).
+and writes ``summary.json``. SIGTERM (preemption) and SIGINT (Ctrl-C; a second one stops at once)
+save a checkpoint and return cleanly. The workdir is locked for the run (``train/workdir.py``): a
+second trainer on it fails at once; checkpoint safety is ``train/checkpoint.py`` and
+``train/nonfinite.py``. A resume announces and records config fields that differ from the
+checkpoint's, and takes the interrupted run's metric lines after the checkpoint out of
+``metrics.jsonl`` (``train/metrics.py``); rerunning a finished run changes nothing. ``workdir`` may
+be local or a URL (``gs://bucket/run``, ``train/paths.py``).
 
 Parallelism (``train/sharding.py``): the mesh ``config.mesh`` spans every device of every process;
 params and Adam moments are created, restored and updated with the shardings of the logical-axis
@@ -29,16 +32,17 @@ from train import data as data_lib
 from train import paths as paths_lib
 from train import provenance
 from train import sharding
+from train import workdir as workdir_lib
 from train.checkpoint import Checkpointer
 from train.flops import model_flops_per_token, peak_flops
 from train.metrics import MetricWriter
-from train.optimizer import make_optimizer, make_schedule
+from train.nonfinite import NonFiniteError, NonFiniteGuard
+from train.optimizer import check_optimizer_config, make_optimizer, make_schedule
 from train.state import abstract_state, init_state
 from train.step import eval_metrics, make_eval_step, sharded_train_step
 
 
-class NonFiniteError(RuntimeError):
-    """Too many consecutive steps with a non-finite loss or gradient."""
+__all__ = ["NonFiniteError", "train_and_evaluate"]
 
 
 def _check_batch_config(config) -> None:
@@ -50,15 +54,17 @@ def _check_batch_config(config) -> None:
                          f"train.microbatches={t.microbatches} x processes={jax.process_count()}")
     if t.steps <= 0:
         raise ValueError(f"train.steps must be > 0, got {t.steps}")
-    for name in ("eval_every", "checkpoint_every", "log_every", "eval_batches"):
+    for name in ("eval_every", "checkpoint_every", "keep_checkpoints", "max_nonfinite_steps", "log_every",
+                 "eval_batches"):
         if t[name] < 1:
             raise ValueError(f"train.{name} must be >= 1, got {t[name]}")
+    check_optimizer_config(config.optimizer)
 
 
 def _load_init_checkpoint(path: str, state: dict, model_dict: dict) -> dict:
     """Replace ``state['params']`` and ``state['rest']`` by those of a weights-only checkpoint
     (``tools.convert_hf import`` writes one: state = {"params", "rest"}, meta = {"model"})."""
-    ckpt = Checkpointer(path, save_every=1, async_save=False)
+    ckpt = Checkpointer(path, save_every=1, async_save=False, read_only=True)
     try:
         got = ckpt.restore({"params": state["params"], "rest": state["rest"]}, expected_model=model_dict)
     finally:
@@ -71,15 +77,19 @@ def _load_init_checkpoint(path: str, state: dict, model_dict: dict) -> dict:
 
 def train_and_evaluate(config, workdir: str, *, on_step: Optional[Callable[[int], None]] = None) -> dict:
     """Train ``config`` in ``workdir``; returns the summary dict. ``on_step(step)`` is a test hook."""
-    tc = config.train
     _check_batch_config(config)
     workdir = paths_lib.resolve(workdir)  # absolute (orbax needs it); a gs:// URL stays a URL
-
     # ---- mesh: every device of every process; refuse a misfit before compiling anything ----
     mesh = sharding.make_mesh(config.mesh)
-    mesh_sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    # ---- model and tokenizer: a bad config or tokenizer fails here, before the workdir exists ----
+    cfg, tokenizer = _check_model_and_tokenizer(config, mesh)
+    with workdir_lib.lock(workdir, process_index=jax.process_index()):
+        return _train_and_evaluate(config, workdir, mesh, cfg, tokenizer, on_step)
 
-    # ---- model and tokenizer ----
+
+def _check_model_and_tokenizer(config, mesh):
+    tc = config.train
+    mesh_sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
     cfg = ModelConfig.from_dict(config.model.to_dict())
     if cfg.param_dtype != "float32":  # master weights (DeepSeek-V3 report Sec. 3.3)
         raise ValueError(f"model.param_dtype={cfg.param_dtype!r}: training keeps float32 parameters; "
@@ -91,18 +101,27 @@ def train_and_evaluate(config, workdir: str, *, on_step: Optional[Callable[[int]
                          f"set --config.model.vocab_size to at least {tokenizer.vocab_size}")
     if config.data.seq_len > cfg.max_seq_len:
         raise ValueError(f"data.seq_len={config.data.seq_len} exceeds model.max_seq_len={cfg.max_seq_len}")
+    return cfg, tokenizer
+
+
+def _train_and_evaluate(config, workdir, mesh, cfg, tokenizer, on_step) -> dict:
+    tc = config.train
+    mesh_sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
     model_dict = cfg.identity()
 
     # ---- checkpoints: refuse a different model before doing any work ----
-    workdir.mkdir(parents=True, exist_ok=True)  # only now: a bad config or tokenizer leaves no trace
     ckpt = Checkpointer(workdir / "checkpoints", keep=tc.keep_checkpoints, save_every=tc.checkpoint_every,
                         async_save=tc.async_checkpoint)
     tx = make_optimizer(config.optimizer, tc.steps)
     schedule = make_schedule(config.optimizer, tc.steps)
     graphdef, abstract = abstract_state(cfg, tx, tc.seed)
     state_sh = sharding.tree_shardings(abstract, mesh)  # restores onto this mesh, whatever wrote it
-    restored = ckpt.restore(sharding.with_shardings(abstract, state_sh), expected_model=model_dict,
-                            allow_fallback=tc.restore_fallback)
+    try:
+        restored = ckpt.restore(sharding.with_shardings(abstract, state_sh), expected_model=model_dict,
+                                allow_fallback=tc.restore_fallback, fresh_start_ok=tc.start_from_scratch)
+    except BaseException:
+        ckpt.close()
+        raise
     start_step = 0 if restored is None else restored[0]
     config_json = json.loads(config.to_json_best_effort())
     if start_step >= tc.steps and (done := provenance.read_summary(workdir)) is not None:
@@ -169,17 +188,28 @@ def train_and_evaluate(config, workdir: str, *, on_step: Optional[Callable[[int]
         writer.log(f"step {step}: eval loss {m['eval_loss']:.4f}, bits/byte {m['eval_bits_per_byte']:.4f}")
         return m
 
+    guard = NonFiniteGuard(ckpt, tc.max_nonfinite_steps, start_step if restored is not None else None)
+
     def save(step: int, force: bool = False):
+        if not guard.may_save():  # never checkpoint a state the last step found non-finite
+            writer.log(f"step {step}: not saving a checkpoint after a non-finite step")
+            return
         writer.flush()  # every metric line up to a checkpoint is stored before it
         meta = {"model": model_dict, "config": config_json}
-        ckpt.save(step, state, data_state=train_iter.get_state(), meta=meta, force=force)
+        if ckpt.save(step, state, data_state=train_iter.get_state(), meta=meta, force=force):
+            guard.saved(step)
 
-    # ---- SIGTERM: finish the current step, save, exit cleanly ----
+    # ---- SIGTERM / SIGINT: finish the current step, save, exit cleanly ----
     stop = {"sig": None}
-    prev_handler = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, lambda s, f: stop.__setitem__("sig", s))
 
-    step, last_eval, bad_in_a_row = start_step, None, 0
+    def on_signal(sig, frame):
+        if sig == signal.SIGINT and stop["sig"] is not None:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now (the last committed checkpoint stays)
+        stop["sig"] = sig
+
+    prev_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    step, last_eval = start_step, None
     tokens_per_step = tc.global_batch_size * config.data.seq_len
     timed_tokens, timed_secs, preempted = 0, 0.0, False
     try:
@@ -197,22 +227,16 @@ def train_and_evaluate(config, workdir: str, *, on_step: Optional[Callable[[int]
                 timed_tokens += tokens_per_step
                 timed_secs += dt
             finite = bool(metrics.pop("finite"))
+            ckpt.poll()  # a failed async save stops the run now
             if step % tc.log_every == 0 or step == tc.steps:
                 tps = tokens_per_step / dt
                 metrics.update(lr=float(schedule(step - 1)), tokens_per_sec=tps,
                                mfu=tps * flops_per_token / peak_total, skipped_steps=int(state["skipped"]))
                 writer.write(step, metrics)
-            if not finite:
-                bad_in_a_row += 1
+            note = guard.after_step(step, finite)  # raises NonFiniteError after too many in a row
+            if note:
                 writer.log(f"step {step}: non-finite loss/gradient (loss={metrics['loss']}, "
-                           f"grad_norm={metrics['grad_norm']}); update skipped ({bad_in_a_row} in a row)")
-                if bad_in_a_row >= tc.max_nonfinite_steps:
-                    raise NonFiniteError(
-                        f"{bad_in_a_row} consecutive non-finite steps (last: {step}); stopping. The last good "
-                        f"checkpoint in {ckpt.directory} (step {ckpt.latest_step()}) is intact; lower "
-                        f"optimizer.lr or check the data.")
-            else:
-                bad_in_a_row = 0
+                           f"grad_norm={metrics['grad_norm']}); {note}")
             if on_step is not None:
                 on_step(step)
             if step % tc.eval_every == 0 or step == tc.steps:
@@ -220,17 +244,19 @@ def train_and_evaluate(config, workdir: str, *, on_step: Optional[Callable[[int]
             if step % tc.checkpoint_every == 0 or step == tc.steps:
                 save(step, force=True)
             if stop["sig"] is not None:
-                writer.log(f"SIGTERM at step {step}: saving a checkpoint and exiting.")
+                writer.log(f"{signal.Signals(stop['sig']).name} at step {step}: saving a checkpoint and exiting.")
                 save(step, force=True)
                 preempted = True
                 break
         if last_eval is None:  # preempted, or resumed a finished run: evaluate what we have
             last_eval = evaluate(step)
     finally:
-        ckpt.wait()
-        ckpt.close()
-        writer.close()
-        signal.signal(signal.SIGTERM, prev_handler)
+        for s, h in prev_handlers.items():
+            signal.signal(s, h)
+        try:
+            ckpt.close()  # waits for the last save; raises CheckpointWriteError if it failed
+        finally:
+            writer.close()
 
     summary = {
         "steps": step,

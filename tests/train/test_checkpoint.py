@@ -1,6 +1,7 @@
 import glob
 import os
 import shutil
+import time
 
 import jax
 import jax.numpy as jnp
@@ -166,3 +167,154 @@ def test_failed_save_keeps_good_checkpoints(tmp_path):
     assert _save(ck, 3)  # the failed attempt's leftovers do not block a retry
     ck.close()
     assert _steps_on_disk(tmp_path) == [2, 3]
+
+
+# ---- issue 11: safety ----
+
+def test_keep_below_one_is_refused(tmp_path):
+    for keep in (0, -1):  # orbax's max_to_keep=0 deleted every checkpoint, the final one too
+        with pytest.raises(ValueError, match="keep_checkpoints must be >= 1"):
+            Checkpointer(tmp_path, keep=keep, save_every=1)
+
+
+def _random_state(seed: int):
+    """Incompressible values: zstd stores them nearly verbatim, so a flip decodes without error."""
+    return {"w": jax.random.normal(jax.random.key(seed), (64, 64))}
+
+
+def _flip_bytes(step_dir, n=64):
+    f = max(glob.glob(str(step_dir / "state" / "ocdbt.process_*" / "d" / "*")), key=os.path.getsize)  # array data
+    with open(f, "r+b") as fh:
+        fh.seek(os.path.getsize(f) // 2)
+        fh.write(bytes([0xA5] * n))
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_flipped_bytes_fail_their_checksum(tmp_path):
+    ck = Checkpointer(tmp_path, keep=3, save_every=10, async_save=False)
+    for s in (10, 20):
+        ck.save(s, _random_state(20 - s), data_state={"pos": s}, meta={"model": MODEL})
+    ck.close()
+    _flip_bytes(tmp_path / "20")  # orbax alone restores this silently (values like 6e37)
+    abstract = jax.eval_shape(lambda: _random_state(0))
+    ck = Checkpointer(tmp_path, keep=3, save_every=10)
+    with pytest.raises(CorruptCheckpointError, match=r"step 20 .*fail their checksum: w: "):
+        ck.restore(abstract, expected_model=MODEL)
+    step, state, data, _ = ck.restore(abstract, expected_model=MODEL, allow_fallback=True)
+    assert step == 10 and data == {"pos": 10}
+    np.testing.assert_array_equal(state["w"], _random_state(10)["w"])
+    assert [n for n in os.listdir(tmp_path) if n.startswith("20.corrupt")]
+    ck.close()
+
+
+def test_lost_array_metadata_is_corruption_not_a_model_mismatch(tmp_path):
+    ck = Checkpointer(tmp_path, save_every=1, async_save=False)
+    _save(ck, 1)
+    ck.close()
+    os.remove(tmp_path / "1" / "state" / "_METADATA")
+    with pytest.raises(CorruptCheckpointError, match="_METADATA"):
+        Checkpointer(tmp_path, save_every=1).restore(_abstract(), expected_model=MODEL)
+    # A real mismatch is still one (the checksummed record says what was saved).
+    bad = _abstract()
+    bad["step"] = jax.ShapeDtypeStruct((), jnp.float32)
+    with pytest.raises(CheckpointMismatchError, match="step: checkpoint"):
+        Checkpointer(tmp_path, save_every=1).restore(bad, expected_model=MODEL)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_everything_quarantined_refuses_a_fresh_start(tmp_path):
+    ck = Checkpointer(tmp_path, save_every=1, async_save=False)
+    _save(ck, 1)
+    _save(ck, 2)
+    ck.close()
+    _corrupt(tmp_path / "1")
+    _corrupt(tmp_path / "2")
+    with pytest.raises(CorruptCheckpointError, match="No restorable"):  # quarantines both
+        Checkpointer(tmp_path, save_every=1).restore(_abstract(), allow_fallback=True)
+    ck = Checkpointer(tmp_path, save_every=1)
+    assert ck.latest_step() is None and len(ck.quarantined()) == 2
+    for fallback in (False, True):  # what the second run did: silently train from step 0
+        with pytest.raises(CorruptCheckpointError, match="refusing to start from scratch.*start_from_scratch"):
+            ck.restore(_abstract(), allow_fallback=fallback)
+    assert ck.restore(_abstract(), fresh_start_ok=True) is None
+    ck.close()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_read_only_reader_changes_nothing(tmp_path):
+    ck = Checkpointer(tmp_path, keep=5, save_every=1, async_save=False)
+    _save(ck, 1)
+    _save(ck, 2)
+    ck.close()
+    _corrupt(tmp_path / "2")
+    in_flight = tmp_path / "3.orbax-checkpoint-tmp-1234"  # a live trainer's save in progress
+    shutil.copytree(tmp_path / "1", in_flight)
+    before = sorted(os.listdir(tmp_path))
+    reader = Checkpointer(tmp_path, save_every=1, read_only=True)
+    assert reader.latest_step() == 2
+    step, *_ = reader.restore(_abstract(), expected_model=MODEL, allow_fallback=True)  # skips 2, moves nothing
+    assert step == 1
+    with pytest.raises(PermissionError, match="read-only"):
+        reader.save(3, _state(3.0), data_state={}, meta={"model": MODEL})
+    reader.close()
+    assert sorted(os.listdir(tmp_path)) == before
+    with pytest.raises(FileNotFoundError, match="no such checkpoint directory"):
+        Checkpointer(tmp_path / "typo", save_every=1, read_only=True)
+    assert not os.path.exists(tmp_path / "typo")
+
+
+def test_protected_steps_survive_garbage_collection(tmp_path):
+    ck = Checkpointer(tmp_path, keep=1, save_every=1)
+    _save(ck, 1)
+    ck.protect([1])
+    _save(ck, 2)
+    _save(ck, 3)
+    ck.wait()
+    assert _steps_on_disk(tmp_path) == [1, 3]
+    ck.protect([])
+    _save(ck, 4)
+    ck.close()
+    assert _steps_on_disk(tmp_path) == [4]
+
+
+@pytest.fixture
+def disk_full_at(monkeypatch):
+    """Make the background write of the given step fail as a full disk would (errno ENOSPC)."""
+    import errno
+
+    import orbax.checkpoint as ocp
+    steps = set()
+    real = ocp.JsonCheckpointHandler._save_fn
+
+    async def save_fn(self, x, directory):
+        if any(f"/{s}.orbax-checkpoint-tmp" in str(directory) for s in steps):
+            raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+        return await real(self, x, directory)
+
+    monkeypatch.setattr(ocp.JsonCheckpointHandler, "_save_fn", save_fn)
+    return steps
+
+
+def test_failed_async_save_raises_once_and_loses_nothing(tmp_path, disk_full_at, capfd):
+    ck = Checkpointer(tmp_path, keep=1, save_every=1)
+    _save(ck, 1)
+    _save(ck, 2)
+    disk_full_at.add(3)
+    with pytest.raises(OSError, match=r"step 3 .*No space left on device.*newest: 2") as e:
+        _save(ck, 3)  # fails in the background (if already failed, save's own poll raises)
+        for _ in range(500):  # the trainer polls once per step
+            ck.poll()
+            time.sleep(0.01)
+    assert type(e.value).__name__ == "CheckpointWriteError" and "\n" not in str(e.value)
+    ck.close()
+    assert _steps_on_disk(tmp_path) == [2]  # orbax's own GC would have run after the failed save
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_unusable_directory_fails_at_once(tmp_path):
+    from train.workdir import WorkdirError
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(WorkdirError, match="is a file, not a directory"):
+        Checkpointer(tmp_path / "file", save_every=1)
+    with pytest.raises(WorkdirError, match="a parent is a file"):
+        Checkpointer(tmp_path / "file" / "ckpt", save_every=1)
