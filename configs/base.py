@@ -30,6 +30,7 @@ def model_config_dict(preset: str) -> ml_collections.ConfigDict:
             v = config_dict.placeholder(_OPTIONAL[f.name]) if v is None else config_dict.FieldReference(v, field_type=_OPTIONAL[f.name])
         d[f.name] = v
     del d["kernels_impl"]  # set through config.kernels.impl
+    del d["attention_impl"]  # set through config.kernels.attention
     # Compute dtype of the matmuls: "auto" = bfloat16 on GPU/TPU, float32 on CPU (the trainer resolves it).
     d["dtype"] = "auto"
     return ml_collections.ConfigDict(d)
@@ -48,6 +49,9 @@ def build(preset: str) -> ml_collections.ConfigDict:
     # elsewhere; "pallas" forces the Pallas kernels (interpreted on CPU: slow, for tests);
     # "xla" = the portable path (model/grouped_matmul.py).
     c.kernels = ml_collections.ConfigDict({"impl": "auto"})
+    # Attention backend (model/attention.py): "auto" = splash on TPU, cuDNN flash on GPU, on CPU the
+    # naive [t, t] softmax up to 256 tokens and blockwise XLA above; or "naive" | "xla" | "splash" | "cudnn".
+    c.kernels.attention = "auto"
 
     # Device mesh (train/sharding.py). The product of the four sizes must be the device count of
     # all processes together, or 1: the default 1 x 1 x 1 x 1 is the single-device run on the first

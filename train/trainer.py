@@ -42,6 +42,8 @@ def model_config(config) -> ModelConfig:
     fields = config.model.to_dict()
     if "kernels" in config:
         fields["kernels_impl"] = config.kernels.impl
+        if "attention" in config.kernels:
+            fields["attention_impl"] = config.kernels.attention
     if fields.get("dtype") == "auto":  # bf16 compute on accelerators, f32 on CPU
         fields["dtype"] = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     return ModelConfig.from_dict(fields)
