@@ -100,7 +100,8 @@ def build(preset: str) -> ml_collections.ConfigDict:
     t.init_checkpoint = config_dict.placeholder(str)
     # Stop after this many consecutive steps with a non-finite loss or gradient (each is skipped).
     t.max_nonfinite_steps = 5
-    # Peak FLOP/s of one device for the MFU estimate; unset = measure a matmul once at start.
+    # Peak FLOP/s of one device for MFU; unset = the datasheet peak of the device kind and compute
+    # dtype (train/peak.py), or on CPU a matmul measured at start (the run logs which).
     t.peak_flops = config_dict.placeholder(float)
     # Write TensorBoard event files besides metrics.jsonl.
     t.tensorboard = True

@@ -25,9 +25,10 @@ from model.config import ModelConfig
 from train import data as data_lib
 from train import sharding
 from train.checkpoint import Checkpointer
-from train.flops import model_flops_per_token, peak_flops
+from train.flops import model_flops_per_token
 from train.metrics import MetricWriter, write_run_info, write_summary
 from train.optimizer import make_optimizer, make_schedule
+from train.peak import peak_flops
 from train.state import abstract_state, init_state
 from train.step import eval_metrics, make_eval_step, sharded_train_step
 
@@ -139,7 +140,8 @@ def train_and_evaluate(config, workdir: str, *, on_step: Optional[Callable[[int]
     eval_step = sharding.MeshJit(make_eval_step(graphdef), mesh, out_shardings=replicated,
                                  in_shardings=(state_sh["params"], state_sh["rest"], batch_sh))
     flops_per_token = model_flops_per_token(cfg, config.data.seq_len)
-    peak, peak_src = peak_flops(tc.peak_flops)
+    peak, peak_src = peak_flops(tc.peak_flops, device_kind=jax.devices()[0].device_kind, dtype=cfg.dtype,
+                                local_devices=len(mesh.local_devices))
     peak_total = peak * mesh.size  # the devices this run computes on (1 for the default mesh)
     writer.log(f"MFU denominator: {peak_total / 1e12:.3f} TFLOP/s ({peak_src})")
 
@@ -225,6 +227,8 @@ def train_and_evaluate(config, workdir: str, *, on_step: Optional[Callable[[int]
         "unigram_bits_per_byte": data_lib.unigram_bits_per_byte(config.data),
         "tokens_per_second": timed_tokens / timed_secs if timed_secs else float("nan"),
         "mfu": (timed_tokens / timed_secs * flops_per_token / peak_total) if timed_secs else float("nan"),
+        "peak_flops_per_device": peak,
+        "peak_source": peak_src,
         "skipped_steps": int(state["skipped"]),
         "params": int(n_params),
     }
