@@ -13,8 +13,8 @@ place "auto" is decided):
   xla     blockwise online-softmax attention with a recomputing backward
           (``model/flash_attention.py``, FlashAttention-2): memory linear in t, any backend.
   splash  JAX's shipped TPU kernel (``jax.experimental.pallas.ops.tpu.splash_attention``, causal
-          mask + segment ids, block-sparse, so fully masked blocks are skipped); interpreted off
-          TPU (slow: for tests). Needs t a multiple of 128 (its block size).
+          mask + segment ids, block-sparse, so fully masked blocks are skipped); TPU only (the
+          tests run it through the Pallas interpreter on CPU). Needs t a multiple of 128.
   cudnn   ``jax.nn.dot_product_attention(implementation="cudnn")`` (cuDNN flash attention) on
           NVIDIA GPUs; bf16/fp16 only and k <= 128 (<= 256 on Hopper and later), multiple of 8.
   auto    TPU: splash when t % 128 == 0; GPU: cudnn where its limits allow; CPU: naive up to
@@ -30,12 +30,14 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from model.flash_attention import flash_attention
 
 IMPLS = ("auto", "naive", "xla", "splash", "cudnn")
 SHORT_SEQ = 256  # CPU: up to here the naive path is as fast and its [t, t] tensors are small
 SPLASH_BLOCK = 128
+_BATCH = ("data", "fsdp", "expert")  # train/sharding.BATCH_AXES; the model imports nothing from train/
 
 
 def _cudnn_head_dim_limit(device_kind: str) -> int:
@@ -46,15 +48,18 @@ def _cudnn_head_dim_limit(device_kind: str) -> int:
 
 def resolve_impl(impl: str, *, backend: str, seq_len: int, dtype, qk_head_dim: int,
                  device_kind: str = "") -> str:
-    """The backend that runs for ``impl`` (one of ``IMPLS``) on ``backend`` (cpu | gpu | tpu)."""
+    """The backend that runs for ``impl`` (one of ``IMPLS``) on ``backend`` (cpu | gpu | tpu).
+
+    An explicit choice is checked against the kernel's shape limits, not against ``backend``: a
+    program may be lowered for a TPU on a CPU host (``tools/plan.py --topology``).
+    """
     if impl not in IMPLS:
         raise ValueError(f"attention impl must be one of {IMPLS}, got {impl!r}")
     cudnn_ok = (jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and qk_head_dim % 8 == 0
                 and qk_head_dim <= _cudnn_head_dim_limit(device_kind))
-    if impl == "cudnn" and (backend != "gpu" or not cudnn_ok):
-        raise ValueError(f"attention impl 'cudnn' needs an NVIDIA GPU, bf16/fp16 and a head dim that is a "
-                         f"multiple of 8 within cuDNN's limit; got backend={backend}, dtype={jnp.dtype(dtype).name}, "
-                         f"qk head dim {qk_head_dim}")
+    if impl == "cudnn" and not cudnn_ok:
+        raise ValueError(f"attention impl 'cudnn' needs bf16/fp16 and a head dim that is a multiple of 8 within "
+                         f"cuDNN's limit on {device_kind or backend}; got {jnp.dtype(dtype).name}, {qk_head_dim}")
     if impl == "splash" and seq_len % SPLASH_BLOCK:
         raise ValueError(f"attention impl 'splash' needs seq_len a multiple of {SPLASH_BLOCK}, got {seq_len}")
     if impl != "auto":
@@ -82,8 +87,31 @@ def naive_attention(q, k, v, segment_ids, *, scale: float) -> jax.Array:
     return jnp.einsum("bhts,bhsv->bhtv", probs, v)  # [b, h, t, v]
 
 
+def _context_mesh():
+    """The training mesh in context (``jax.set_mesh``, as ``model/moe_ep.py`` reads it) if it has
+    more than one device, else None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or not set(_BATCH + ("tensor",)) <= set(mesh.axis_names):
+        return None
+    return mesh
+
+
 def splash_attention(q, k, v, segment_ids, *, scale: float, interpret: bool = False) -> jax.Array:
-    """JAX's TPU splash kernel, vmapped over the batch (it takes one sequence: [h, t, k])."""
+    """JAX's TPU splash kernel, vmapped over the batch (it takes one sequence: [h, t, k]).
+
+    A Pallas call has no partitioning rule, so on a mesh XLA would gather every input onto every
+    device; the kernel runs under ``shard_map`` instead, on each device's rows (batch axes) and
+    heads (tensor axis), as the arrays are already laid out."""
+    mesh = _context_mesh()
+    if mesh is None:
+        return _splash(q, k, v, segment_ids, scale=scale, interpret=interpret)
+    spec, seg_spec = P(_BATCH, "tensor"), P(_BATCH)
+    fn = functools.partial(_splash, scale=scale, interpret=interpret)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec, spec, seg_spec), out_specs=spec,
+                         check_vma=False)(q, k, v, segment_ids)
+
+
+def _splash(q, k, v, segment_ids, *, scale: float, interpret: bool) -> jax.Array:
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
@@ -125,6 +153,6 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, 
         block = 128 if jax.default_backend() == "cpu" else 512  # CPU: fastest of 64..512 measured
         return flash_attention(q, k, v, segment_ids, scale=scale, block=block)
     if impl == "splash":
-        return splash_attention(q, k, v, segment_ids, scale=scale, interpret=jax.default_backend() != "tpu")
+        return splash_attention(q, k, v, segment_ids, scale=scale)  # compiled by Mosaic: TPU only
     return cudnn_attention(q, k, v, segment_ids, scale=scale)
 

@@ -89,7 +89,7 @@ def test_resolve_impl():
     with pytest.raises(ValueError, match="one of"):
         resolve_impl("flash", backend="cpu", **kw)
     with pytest.raises(ValueError, match="cudnn"):
-        resolve_impl("cudnn", backend="cpu", **kw)
+        resolve_impl("cudnn", backend="gpu", **{**kw, "dtype": jnp.float32})
     with pytest.raises(ValueError, match="multiple of 128"):
         resolve_impl("splash", backend="tpu", **{**kw, "seq_len": 1000})
 
