@@ -112,8 +112,12 @@ def splash_attention(q, k, v, segment_ids, *, scale: float, interpret: bool = Fa
 
 
 def _splash(q, k, v, segment_ids, *, scale: float, interpret: bool) -> jax.Array:
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_kernel as sk,
+    )
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_mask as sm,
+    )
 
     h, t = q.shape[1], q.shape[2]
     mask = sm.MultiHeadMask([sm.CausalMask((t, t)) for _ in range(h)])

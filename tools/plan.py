@@ -109,7 +109,7 @@ def main(argv):
         from jax.experimental import topologies
         try:
             topology = topologies.get_topology_desc(platform="tpu", topology_name=_TOPOLOGY.value)
-        except Exception as e:  # no libtpu, or a topology name it does not know
+        except Exception as e:  # noqa: BLE001 (no libtpu, or a topology name it does not know)
             raise SystemExit(f"--topology={_TOPOLOGY.value}: cannot build it ({type(e).__name__}: "
                              f"{str(e).splitlines()[0]}); needs libtpu: pip install 'jax[tpu]'")
         all_devices = topology.devices

@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 import os
 import time
-from typing import Optional
 
 _TPU = "https://cloud.google.com/tpu/docs/"
 _A100 = "https://www.nvidia.com/content/dam/en-zz/Solutions/Data-Center/a100/pdf/nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf"
@@ -56,7 +55,7 @@ PEAK_TFLOPS: tuple[tuple[str, bool, dict, str], ...] = (
 )
 
 
-def datasheet_peak(device_kind: str, dtype: str) -> Optional[tuple[float, str]]:
+def datasheet_peak(device_kind: str, dtype: str) -> tuple[float, str] | None:
     """(FLOP/s, source) from ``PEAK_TFLOPS``, or None for a device kind or dtype not listed."""
     for pattern, exact, tflops, source in PEAK_TFLOPS:
         if (device_kind == pattern) if exact else (pattern in device_kind):
@@ -66,7 +65,7 @@ def datasheet_peak(device_kind: str, dtype: str) -> Optional[tuple[float, str]]:
     return None
 
 
-def peak_flops(config_value: Optional[float], *, device_kind: str, dtype: str,
+def peak_flops(config_value: float | None, *, device_kind: str, dtype: str,
                local_devices: int = 1) -> tuple[float, str]:
     """Peak FLOP/s of one device and where the number comes from (see the module docstring).
 
@@ -82,7 +81,7 @@ def peak_flops(config_value: Optional[float], *, device_kind: str, dtype: str,
     return flops / local_devices, f"measured: {how}" + (f", / {local_devices} devices" if local_devices > 1 else "")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def measure_cpu_matmul(n: int = 1024, inner: int = 4, reps: int = 8) -> tuple[float, str]:
     """Host f32 matmul FLOP/s: best of ``reps`` chains of ``inner`` [n, n] products, in FLOPs per
     second of this process's CPU time x the cores it may use."""

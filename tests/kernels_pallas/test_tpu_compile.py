@@ -20,7 +20,7 @@ import pytest
 _TOPOLOGY = "v5p:2x2x1"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tpu_device():
     try:
         import libtpu  # noqa: F401

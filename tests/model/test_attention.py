@@ -32,7 +32,7 @@ def _inputs(b, h, t, dk, dv, seed=0):
 
 def _check_against_naive(fn, q, k, v, seg, scale):
     assert_close(fn(q, k, v, seg, scale=scale), naive_attention(q, k, v, seg, scale=scale), composite=True)
-    loss = lambda f: lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v, seg, scale=scale)))  # noqa: E731
+    loss = lambda f: lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v, seg, scale=scale)))
     g_fast = jax.grad(loss(fn), (0, 1, 2))(q, k, v)
     g_ref = jax.grad(loss(naive_attention), (0, 1, 2))(q, k, v)
     for name, a, b in zip("qkv", g_fast, g_ref):
@@ -51,14 +51,14 @@ _YARN_SCALE = tiny_config(yarn=YarnConfig(factor=40.0, mscale=1.0, mscale_all_di
 ])
 def test_blockwise_matches_naive(b, h, t, dk, dv, block, scale):
     q, k, v = _inputs(b, h, t, dk, dv)
-    fn = lambda q, k, v, seg, scale: flash_attention(q, k, v, seg, scale=scale, block=block)  # noqa: E731
+    fn = lambda q, k, v, seg, scale: flash_attention(q, k, v, seg, scale=scale, block=block)
     _check_against_naive(fn, q, k, v, _segments(b, t), scale)
 
 
 def test_splash_interpreted_matches_naive():
     """JAX's TPU splash kernel, run by the Pallas interpreter on CPU (MLA head dims: v < q/k)."""
     q, k, v = _inputs(3, 2, 128, 24, 16, seed=1)
-    fn = lambda q, k, v, seg, scale: splash_attention(q, k, v, seg, scale=scale, interpret=True)  # noqa: E731
+    fn = lambda q, k, v, seg, scale: splash_attention(q, k, v, seg, scale=scale, interpret=True)
     _check_against_naive(fn, q, k, v, _segments(3, 128), _YARN_SCALE)
 
 
