@@ -112,15 +112,10 @@ def splash_attention(q, k, v, segment_ids, *, scale: float, interpret: bool = Fa
 
 
 def _splash(q, k, v, segment_ids, *, scale: float, interpret: bool) -> jax.Array:
-    from jax.experimental.pallas.ops.tpu.splash_attention import (
-        splash_attention_kernel as sk,
-    )
-    from jax.experimental.pallas.ops.tpu.splash_attention import (
-        splash_attention_mask as sm,
-    )
+    from jax.experimental.pallas.ops.tpu import splash_attention as sk
 
     h, t = q.shape[1], q.shape[2]
-    mask = sm.MultiHeadMask([sm.CausalMask((t, t)) for _ in range(h)])
+    mask = sk.MultiHeadMask([sk.CausalMask((t, t)) for _ in range(h)])
     blocks = min(512, t)
     blocks = blocks if t % blocks == 0 else SPLASH_BLOCK
     sizes = sk.BlockSizes(block_q=blocks, block_kv=blocks, block_kv_compute=blocks,
