@@ -22,8 +22,10 @@ place "auto" is decided):
           else xla; xla wherever the preferred kernel does not fit.
 
 jax.nn.dot_product_attention wants the value head dim equal to the key one, so for cudnn v is
-zero-padded from v to k and the extra output columns (exactly zero) are dropped. Splash takes
-different head dims as they are.
+zero-padded from v to k and the extra output columns (exactly zero) are dropped; the packed-
+document mask goes in as a boolean [b, 1, t, s] (cuDNN turns it into a bias: quadratic in t per
+row, but not per head and not f32). Splash (jax 0.10) takes different q/k and v head dims as
+they are (compiled for TPU v5p with MLA's 192 / 128 in tests/kernels_pallas/test_tpu_compile.py).
 """
 
 import functools
