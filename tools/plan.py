@@ -111,7 +111,7 @@ def main(argv):
             topology = topologies.get_topology_desc(platform="tpu", topology_name=_TOPOLOGY.value)
         except Exception as e:  # noqa: BLE001 (no libtpu, or a topology name it does not know)
             raise SystemExit(f"--topology={_TOPOLOGY.value}: cannot build it ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0]}); needs libtpu: pip install 'jax[tpu]'")
+                             f"{str(e).splitlines()[0]}); libtpu needed: pip install 'jax[tpu]'")
         all_devices = topology.devices
         _resolve_for_tpu(config)
     else:
