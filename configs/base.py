@@ -52,6 +52,11 @@ def build(preset: str) -> ml_collections.ConfigDict:
     # The one kernel switch is kernels.impl; model.kernels_impl refers to it (one value under
     # ModelConfig's field name: setting either sets both).
     c.model.kernels_impl = c.kernels.get_ref("impl")
+    # Attention backend (model/attention.py): "auto" = splash on TPU, cuDNN flash on GPU, on CPU the
+    # naive [t, t] softmax up to 256 tokens and blockwise XLA above; or "naive" | "xla" | "splash" | "cudnn".
+    # model.attention_impl refers to it, as model.kernels_impl does to kernels.impl.
+    c.kernels.attention = "auto"
+    c.model.attention_impl = c.kernels.get_ref("attention")
 
     # Device mesh (train/sharding.py). The product of the four sizes must be the device count of
     # all processes together, or 1: the default 1 x 1 x 1 x 1 is the single-device run on the first
@@ -102,7 +107,8 @@ def build(preset: str) -> ml_collections.ConfigDict:
     t.init_checkpoint = config_dict.placeholder(str)
     # Stop after this many consecutive steps with a non-finite loss or gradient (each is skipped).
     t.max_nonfinite_steps = 5
-    # Peak FLOP/s of one device for the MFU estimate; unset = measure a matmul once at start.
+    # Peak FLOP/s of one device for MFU; unset = the datasheet peak of the device kind and compute
+    # dtype (train/peak.py), or on CPU a matmul measured at start (the run logs which).
     t.peak_flops = config_dict.placeholder(float)
     # Write TensorBoard event files besides metrics.jsonl.
     t.tensorboard = True

@@ -10,12 +10,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, Optional
 
+from model.attention import IMPLS as ATTENTION_IMPLS
+
 _SCORE_FNS = ("sigmoid", "softmax")
 # Each policy is implemented in ``model/transformer.py`` and tested against "none" (gradients).
 _REMAT = ("none", "full", "dots", "dots_no_batch")
 _DTYPES = ("float32", "bfloat16", "float16")
 # Fields that change how the model runs, not what it is (``ModelConfig.identity`` leaves them out).
-EXECUTION_FIELDS = ("kernels_impl", "remat", "moe_block_rows", "dtype", "max_seq_len")
+EXECUTION_FIELDS = ("kernels_impl", "remat", "moe_block_rows", "dtype", "max_seq_len", "attention_impl")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +87,7 @@ class ModelConfig:
     scan_layers: bool = False  # nnx.scan over the homogeneous MoE blocks
     remat: str = "none"  # rematerialisation policy of each block, one of _REMAT
     kernels_impl: str = "xla"  # grouped matmul backend: "xla" | "pallas" | "auto"
+    attention_impl: str = "auto"  # attention backend, model/attention.py: auto|naive|xla|splash|cudnn
 
     def __post_init__(self):
         def need(cond: bool, msg: str):
@@ -128,6 +131,8 @@ class ModelConfig:
             object.__setattr__(self, "dtype", "float32" if jax.default_backend() == "cpu" else "bfloat16")
         need(self.kernels_impl in ("xla", "pallas", "auto"),
              f"kernels_impl must be xla|pallas|auto, got {self.kernels_impl!r}")
+        need(self.attention_impl in ATTENTION_IMPLS,
+             f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
         if isinstance(self.yarn, Mapping):  # allow a plain dict from a config file
             object.__setattr__(self, "yarn", YarnConfig(**self.yarn))
 

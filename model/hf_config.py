@@ -17,7 +17,8 @@ from model.rope import yarn_mscale
 
 ARCHITECTURES = ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM")
 # ModelConfig fields with no config.json counterpart: how we run, not what the model computes.
-EXEC_FIELDS = ("scan_layers", "remat", "kernels_impl", "moe_block_rows", "capacity_factor", "max_seq_len")
+EXEC_FIELDS = ("scan_layers", "remat", "kernels_impl", "moe_block_rows", "capacity_factor", "max_seq_len",
+               "attention_impl")
 # Every config.json field we know: mapped below, checked to have the one value we support, or
 # without effect on the forward pass (bookkeeping, training-only knobs, derived sizes, and
 # num_key_value_heads, which MLA does not have: every head reads the shared latent).

@@ -14,6 +14,8 @@ Only c_KV and the rotated k_rope need caching at decode time: (c + r) numbers pe
 
 The mask is causal and block-diagonal over ``segment_ids`` so packed documents never attend to
 each other; padding (segment 0) only attends to padding, which keeps every softmax row finite.
+The softmax itself runs in ``model/attention.py`` (backend ``cfg.attention_impl``: the naive
+[t, t] reference, blockwise XLA, TPU splash or cuDNN).
 Parameter names follow DeepSeek's reference code (wq_a, q_norm, wq_b, wkv_a, kv_norm, wkv_b, wo).
 """
 
@@ -21,18 +23,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from model.attention import attention
 from model.config import ModelConfig
 from model.norms import RMSNorm
 from model.params import linear_param
 from model.rope import apply_rope, rope_angles
-
-
-def attention_mask(segment_ids: jax.Array) -> jax.Array:
-    """Boolean [b, 1, t, s]: causal and same-segment (packed documents never see each other)."""
-    t = segment_ids.shape[1]
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [b, t, s]
-    causal = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]  # [t, s]
-    return (same & causal[None])[:, None]
 
 
 class MLA(nnx.Module):
@@ -91,8 +86,6 @@ class MLA(nnx.Module):
         q = jnp.concatenate([q_nope, q_rope], -1).transpose(0, 2, 1, 3)  # [b, h, t, n+r]
         k_rope_h = jnp.broadcast_to(k_rope[:, :, None, :], k_rope.shape[:2] + (h, r))
         k = jnp.concatenate([k_nope, k_rope_h], -1).transpose(0, 2, 1, 3)  # [b, h, s, n+r]
-        scores = jnp.einsum("bhtk,bhsk->bhts", q, k, preferred_element_type=jnp.float32) * cfg.softmax_scale
-        bias = jnp.where(attention_mask(segment_ids), 0.0, -1e30)  # [b, 1, t, s]
-        probs = jax.nn.softmax(scores + bias, axis=-1).astype(dt)  # [b, h, t, s]
-        o = jnp.einsum("bhts,bhsv->bthv", probs, v.transpose(0, 2, 1, 3))  # [b, t, h, v]
-        return jnp.einsum("bthv,hvd->btd", o, self.wo[...].astype(dt))
+        v = v.transpose(0, 2, 1, 3)  # [b, h, s, v]
+        o = attention(q, k, v, segment_ids, scale=cfg.softmax_scale, impl=cfg.attention_impl)  # [b, h, t, v]
+        return jnp.einsum("bhtv,hvd->btd", o, self.wo[...].astype(dt))

@@ -3,8 +3,8 @@
   python -m tools.bench_train --config=configs/moe_tiny.py [--steps=20] [--config.x=...]
 
 Runs ``steps`` optimizer steps in a temporary workdir (the first step, which compiles, is not
-timed) and prints one JSON line: step time, tokens/s, model FLOPs per token and MFU (against the
-config's ``train.peak_flops`` or a measured matmul peak; the line says which).
+timed) and prints one JSON line: step time, tokens/s, model FLOPs per token and MFU with the
+peak it divides by and that peak's source (``train/peak.py``: config, datasheet or measured).
 """
 
 import json
@@ -23,7 +23,7 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
     from model.config import ModelConfig
-    from train.flops import model_flops_per_token, peak_flops
+    from train.flops import model_flops_per_token
     from train.trainer import train_and_evaluate
 
     config = _CONFIG.value
@@ -40,13 +40,12 @@ def main(argv):
         s = train_and_evaluate(config, workdir)
     cfg = ModelConfig.from_dict(config.model.to_dict())
     tokens_per_step = config.train.global_batch_size * config.data.seq_len
-    peak, source = peak_flops(config.train.peak_flops)
     print(json.dumps({
         "config": flags.FLAGS["config"].config_filename, "steps": s["steps"],
         "step_ms": round(1e3 * tokens_per_step / s["tokens_per_second"], 2),
         "tokens_per_second": round(s["tokens_per_second"], 1),
         "model_flops_per_token": model_flops_per_token(cfg, config.data.seq_len),
-        "mfu": s["mfu"], "peak_flops_per_device": peak, "peak_source": source,
+        "mfu": s["mfu"], "peak_flops_per_device": s["peak_flops_per_device"], "peak_source": s["peak_source"],
         "backend": jax.default_backend(), "devices": jax.device_count()}), flush=True)
 
 

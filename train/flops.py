@@ -1,4 +1,4 @@
-"""Training FLOPs per token and the peak FLOP/s that MFU divides by.
+"""Training FLOPs per token: the numerator of MFU (the peak it divides by: ``train/peak.py``).
 
 MFU = model_flops_per_token * tokens_per_sec / (peak_flops_per_device * n_devices).
 
@@ -26,13 +26,6 @@ the MLA "absorbed" inference path is not assumed.
 """
 
 from __future__ import annotations
-
-import functools
-import time
-from typing import Optional
-
-import jax
-import jax.numpy as jnp
 
 
 def activated_params(cfg, *, include_mtp: bool = True) -> dict:
@@ -66,37 +59,3 @@ def model_flops_per_token(cfg, seq_len: int, *, include_mtp: bool = True, causal
     n_attn_layers = cfg.n_layers + (cfg.mtp_depth if include_mtp else 0)
     attn = 6 * n_attn_layers * seq_len * cfg.n_heads * (cfg.qk_head_dim + cfg.v_head_dim)
     return float(6 * n_active + (attn / 2 if causal else attn))
-
-
-def peak_flops(config_value: Optional[float], *, n: int = 2048, reps: int = 5) -> tuple[float, str]:
-    """Peak FLOP/s of one device: ``config_value`` if given, else a measured matmul throughput.
-
-    The measurement (bf16 on accelerators, f32 on CPU; best of ``reps``) is a lower bound on the
-    true peak, so MFU computed from it is an upper bound; give the datasheet number for reports.
-    """
-    if config_value:
-        return float(config_value), "config"
-    return _measure(n, reps, jax.default_backend())
-
-
-@functools.lru_cache(maxsize=None)
-def _measure(n: int, reps: int, backend: str) -> tuple[float, str]:
-    dtype = jnp.float32 if backend == "cpu" else jnp.bfloat16
-    inner = 1 if backend == "cpu" else 16  # amortise dispatch on fast devices
-
-    @jax.jit
-    def chain(x, w):
-        return jax.lax.fori_loop(0, inner, lambda _, y: y @ w, x)
-
-    kx, kw = jax.random.split(jax.random.key(0))
-    x = jax.random.normal(kx, (n, n), dtype)
-    w = (jax.random.normal(kw, (n, n), jnp.float32) / n ** 0.5).astype(dtype)  # keeps |y| ~ |x|
-    chain(x, w).block_until_ready()  # compile
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        chain(x, w).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    flops = 2 * n ** 3 * inner / best
-    device = jax.devices()[0].device_kind
-    return flops, f"measured {jnp.dtype(dtype).name} {n}x{n} matmul on {device}"

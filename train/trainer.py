@@ -34,10 +34,11 @@ from train import provenance
 from train import sharding
 from train import workdir as workdir_lib
 from train.checkpoint import Checkpointer
-from train.flops import model_flops_per_token, peak_flops
+from train.flops import model_flops_per_token
 from train.metrics import MetricWriter
 from train.nonfinite import NonFiniteError, NonFiniteGuard
 from train.optimizer import check_optimizer_config, make_optimizer, make_schedule
+from train.peak import peak_flops
 from train.state import abstract_state, init_state
 from train.step import eval_metrics, make_eval_step, sharded_train_step
 
@@ -173,7 +174,8 @@ def _train_and_evaluate(config, workdir, mesh, cfg, tokenizer, on_step) -> dict:
     eval_step = sharding.MeshJit(make_eval_step(graphdef), mesh, out_shardings=replicated,
                                  in_shardings=(state_sh["params"], state_sh["rest"], batch_sh))
     flops_per_token = model_flops_per_token(cfg, config.data.seq_len)
-    peak, peak_src = peak_flops(tc.peak_flops)
+    peak, peak_src = peak_flops(tc.peak_flops, device_kind=jax.devices()[0].device_kind, dtype=cfg.dtype,
+                                local_devices=len(mesh.local_devices))
     peak_total = peak * mesh.size  # the devices this run computes on (1 for the default mesh)
     writer.log(f"MFU denominator: {peak_total / 1e12:.3f} TFLOP/s ({peak_src})")
 
@@ -267,6 +269,8 @@ def _train_and_evaluate(config, workdir, mesh, cfg, tokenizer, on_step) -> dict:
         "unigram_bits_per_byte": data_lib.unigram_bits_per_byte(config.data),
         "tokens_per_second": timed_tokens / timed_secs if timed_secs else float("nan"),
         "mfu": (timed_tokens / timed_secs * flops_per_token / peak_total) if timed_secs else float("nan"),
+        "peak_flops_per_device": peak,
+        "peak_source": peak_src,
         "skipped_steps": int(state["skipped"]),
         "params": int(n_params),
     }

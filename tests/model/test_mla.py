@@ -50,7 +50,9 @@ def _flat(m):
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(q_lora_rank=None), dict(rope_interleave=False),
-                                dict(yarn=YarnConfig(factor=4.0, original_max_position_embeddings=16, mscale=0.7, mscale_all_dim=0.9))])
+                                dict(yarn=YarnConfig(factor=4.0, original_max_position_embeddings=16, mscale=0.7, mscale_all_dim=0.9)),
+                                dict(attention_impl="xla"),
+                                dict(attention_impl="xla", yarn=YarnConfig(factor=4.0, original_max_position_embeddings=16))])
 def test_mla_matches_naive_forward_and_grad(kw):
     cfg = tiny_config(**kw)
     mla = MLA(cfg, rngs=nnx.Rngs(0))
