@@ -1,4 +1,10 @@
-"""Autoregressive generation with a KV cache: prefill, then one jitted step per token.
+"""The KV cache and the cached forward pass; the per-token reference generation loop.
+
+``hidden_cached`` / ``forward_cached`` run the main model over new tokens at given positions,
+writing their cache slots; ``mtp_cached`` does the same for MTP module 1 (speculative decoding).
+``model/generation.py`` builds the compiled generation loop from these; ``generate_reference``
+(prefill, then one jitted step per token with the host in between) is the loop it replaced, kept
+as the reference the tests compare with.
 
 Two caches, same model:
 
@@ -17,8 +23,8 @@ Two caches, same model:
 Batching: prompts are right-padded to a common length; row i's token j sits in cache slot j at
 position j, so a query at position p attends to slots <= p (padding slots past a prompt's end are
 overwritten by that row's generated tokens before any query can see them). Only the main model's
-layers are cached: plain generation never runs the MTP modules, so cache bytes per token are
-(c + r) x n_layers x dtype bytes (``cache_bytes_per_token``).
+layers are counted: plain generation never runs the MTP modules, so cache bytes per token are
+(c + r) x n_layers x dtype bytes (``cache_bytes_per_token``); speculative decoding adds one layer.
 """
 
 from __future__ import annotations

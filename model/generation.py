@@ -23,15 +23,17 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from model import decode, speculative as spec
+from model import decode
 from model import sampling as sampling_lib
+from model import speculative as spec
 from model.sampling import Sampling
 from model.transformer import Transformer
 
@@ -172,7 +174,7 @@ def stop_array(stop_tokens: Sequence[int]) -> jax.Array:
 def generate_details(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_tokens,
                      temperature=0.0, top_k=0, top_p=1.0, stop_tokens: Sequence[int] = (), seed: int = 0,
                      cache: str = "absorbed", bucket: int = 16, speculative: bool = False,
-                     stream_every: int = 0, on_tokens: Optional[Callable[[list], None]] = None) -> Result:
+                     stream_every: int = 0, on_tokens: Callable[[list], None] | None = None) -> Result:
     """Generate for every prompt in one batch. ``max_new_tokens``, ``temperature``, ``top_k``,
     ``top_p``: one value or one per prompt. ``stream_every`` > 0 with ``on_tokens``: the loop
     returns to the host every that many steps and ``on_tokens(tokens so far, per row)`` is called."""

@@ -37,11 +37,8 @@ def make(batch: int, temperature=0.0, top_k=0, top_p=1.0) -> Sampling:
     return Sampling(jnp.asarray(t), jnp.asarray(k), jnp.asarray(p))
 
 
-def warp(logits: jax.Array, s: Sampling) -> jax.Array:
-    """logits [b, V] -> filtered log-weights [b, V] f32: logits / T, -inf outside top-k / top-p."""
-    v = logits.shape[-1]
-    temp = jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]  # greedy rows: T = 1
-    scaled = logits.astype(jnp.float32) / temp
+def _top_k_top_p(scaled: jax.Array, s: Sampling) -> jax.Array:
+    v = scaled.shape[-1]
     desc = -jnp.sort(-scaled, axis=-1)  # [b, V]
     k = jnp.where(s.top_k > 0, jnp.minimum(s.top_k, v), v)[:, None]  # [b, 1]
     in_k = jnp.arange(v)[None] < k  # [b, V] ranks top-k keeps
@@ -52,10 +49,27 @@ def warp(logits: jax.Array, s: Sampling) -> jax.Array:
     return jnp.where(scaled >= threshold, scaled, -jnp.inf)
 
 
+def warp(logits: jax.Array, s: Sampling) -> jax.Array:
+    """logits [b, V] -> filtered log-weights [b, V] f32: logits / T, -inf outside top-k / top-p.
+
+    The sort over the vocabulary runs only when some row filters (a ``lax.cond``: skipped at run
+    time, not just at trace time)."""
+    temp = jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]  # greedy rows: T = 1
+    scaled = logits.astype(jnp.float32) / temp
+    filtering = jnp.any((s.top_k > 0) | (s.top_p < 1))
+    return jax.lax.cond(filtering, _top_k_top_p, lambda x, _: x, scaled, s)
+
+
 def sample(logits: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
-    """logits [b, V] -> token ids [b] int32."""
-    sampled = jax.random.categorical(key, warp(logits, s), -1)
-    return jnp.where(s.temperature > 0, sampled, jnp.argmax(logits, -1)).astype(jnp.int32)
+    """logits [b, V] -> token ids [b] int32. An all-greedy batch draws no random numbers."""
+    return categorical_or_argmax(key, warp(logits, s), s.temperature > 0, jnp.argmax(logits, -1))
+
+
+def categorical_or_argmax(key, log_weights: jax.Array, sampled: jax.Array, greedy: jax.Array) -> jax.Array:
+    """Row i: a draw from softmax(log_weights[i]) where sampled[i], else greedy[i]. [b, V] -> [b] int32."""
+    def draw(_):
+        return jnp.where(sampled, jax.random.categorical(key, log_weights, -1), greedy)
+    return jax.lax.cond(jnp.any(sampled), draw, lambda _: greedy, None).astype(jnp.int32)
 
 
 def probs(logits: jax.Array, s: Sampling) -> jax.Array:

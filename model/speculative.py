@@ -67,14 +67,17 @@ def start(model, tokens, lengths, sampling: Sampling, key, total: int, kind: str
     return st, first, sampling_lib.logprob(last, first, sampling)
 
 
-def accept_or_resample(p: jax.Array, q: jax.Array, draft: jax.Array, key) -> tuple[jax.Array, jax.Array]:
-    """Speculative acceptance for one draft: p, q [b, V], draft [b] ~ q -> (token [b], accepted [b])."""
+def accept_or_resample(p: jax.Array, q: jax.Array, draft: jax.Array, greedy: jax.Array, key):
+    """Speculative acceptance for one draft: p, q [b, V], draft [b] ~ q, greedy [b] bool (p, q
+    one-hot) -> (token [b], accepted [b])."""
     k_u, k_res = jax.random.split(key)
     p_d = jnp.take_along_axis(p, draft[:, None], -1)[:, 0]
     q_d = jnp.take_along_axis(q, draft[:, None], -1)[:, 0]
     accepted = jax.random.uniform(k_u, draft.shape) * q_d < p_d  # u < p(d) / q(d); q(d) > 0
     residual = jnp.maximum(p - q, 0.0)  # [b, V]; all zero only if p == q, when every draft is accepted
-    resampled = jax.random.categorical(k_res, jnp.log(residual), -1).astype(jnp.int32)
+    # greedy rows: the residual of two one-hots is p's one-hot, i.e. its argmax
+    resampled = sampling_lib.categorical_or_argmax(k_res, jnp.log(residual), ~greedy & ~accepted,
+                                                   jnp.argmax(p, -1))
     return jnp.where(accepted, draft, resampled), accepted
 
 
@@ -88,7 +91,8 @@ def step(model, st: SpecState, done, sampling: Sampling, key):
     h, caches = decode.hidden_cached(model, jnp.stack([st.tok, st.draft], 1), positions, valid, st.cache,
                                      small_batch=True)  # [b, 2, d]
     logits = model.logits_from(h)  # [b, 2, V]
-    x1, accepted = accept_or_resample(sampling_lib.probs(logits[:, 0], sampling), st.q, st.draft, k_acc)
+    x1, accepted = accept_or_resample(sampling_lib.probs(logits[:, 0], sampling), st.q, st.draft,
+                                      sampling.temperature <= 0, k_acc)
     x2 = sampling_lib.sample(logits[:, 1], k_bonus, sampling)  # s_{p+2}: used only if accepted
     new = jnp.stack([x1, x2], 1)  # [b, 2]
     lps = jnp.stack([sampling_lib.logprob(logits[:, 0], x1, sampling),
