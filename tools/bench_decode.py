@@ -107,7 +107,9 @@ def hf_generator(model: Transformer, dtype: str):
         hf.save_pretrained(model, d)
         m = transformers.DeepseekV3ForCausalLM.from_pretrained(d, dtype=getattr(torch, dtype)).eval().to(device)
 
-    def gen(prompts, new):
+    def gen(prompts, new, threads=0):
+        if threads:
+            torch.set_num_threads(threads)
         ids = torch.tensor(prompts, device=device)
         with torch.no_grad():
             out = m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
@@ -130,7 +132,8 @@ def table(args):
     }
     if args.hf:
         gen, hf_device = hf_generator(model, args.dtype)
-        methods["transformers"] = lambda p: gen(p, args.new)
+        for n in (int(x) for x in args.torch_threads.split(",")):
+            methods["transformers" + (f"_threads{n}" if n else "")] = lambda p, n=n: gen(p, args.new, n)
     rows = []
     for b in (int(x) for x in args.batch.split(",")):
         prompts = _prompts(b, 64, model.cfg.vocab_size)
@@ -147,7 +150,7 @@ def table(args):
                    "tokens_per_s": [round(b * args.new / s, 1) for s in secs[name]],
                    "median_tokens_per_s": round(b * args.new / statistics.median(secs[name]), 1),
                    "same_greedy_tokens_as_old_loop": round(float(same), 4), **env()}
-            if name == "transformers":
+            if name.startswith("transformers"):
                 row["torch_device"] = hf_device
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -244,6 +247,7 @@ def main(argv=None):
     ap.add_argument("--cache", default="absorbed", help="sweep, plain decoding: absorbed and/or naive")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--hf", action="store_true", help="table: add transformers' generate (needs torch)")
+    ap.add_argument("--torch_threads", default="0", help="table --hf: torch CPU threads, comma list (0: its default)")
     ap.add_argument("--bandwidth", action="store_true", help="table: batch-1 bytes per step vs copy bandwidth")
     ap.add_argument("--peak_gbps", type=float, default=0.0, help="the device's peak bandwidth (H200: 4800)")
     ap.add_argument("--copy_mib", type=int, default=256, help="array size of the copy-bandwidth probe")
