@@ -41,8 +41,8 @@ from model import sampling as sampling_lib
 from model.config import ModelConfig
 from model.decode_experts import small_batch_moe
 from model.mla import MLA
-from model.sampling import Sampling
 from model.rope import rope_angles
+from model.sampling import Sampling
 from model.transformer import Transformer
 
 KINDS = ("absorbed", "naive")
