@@ -14,7 +14,9 @@ Files (one concept each): config.py (ModelConfig), norms.py, rope.py (RoPE + YaR
 sequence-wise loss), block.py (one transformer block), mtp.py (multi-token prediction),
 transformer.py (the whole model), loss.py, presets.py (named sizes), moe_reference.py (dense
 reference used by the tests), hf_config.py / hf.py (Hugging Face configs and weights), decode.py
-(generation with the latent KV cache), moe_ep.py (expert parallelism), param_count.py.
+(latent KV cache, cached forward, reference generation loop), decode_experts.py (routed experts of
+a decode step), sampling.py, generation.py (the compiled generation loop), speculative.py (MTP
+speculative decoding), moe_ep.py (expert parallelism), param_count.py.
 """
 
 from model.config import ModelConfig, YarnConfig  # noqa: F401

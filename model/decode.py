@@ -1,4 +1,10 @@
-"""Autoregressive generation with a KV cache: prefill, then one jitted step per token.
+"""The KV cache and the cached forward pass; the per-token reference generation loop.
+
+``hidden_cached`` / ``forward_cached`` run the main model over new tokens at given positions,
+writing their cache slots; ``mtp_cached`` does the same for MTP module 1 (speculative decoding).
+``model/generation.py`` builds the compiled generation loop from these; ``generate_reference``
+(prefill, then one jitted step per token with the host in between) is the loop it replaced, kept
+as the reference the tests compare with.
 
 Two caches, same model:
 
@@ -17,8 +23,8 @@ Two caches, same model:
 Batching: prompts are right-padded to a common length; row i's token j sits in cache slot j at
 position j, so a query at position p attends to slots <= p (padding slots past a prompt's end are
 overwritten by that row's generated tokens before any query can see them). Only the main model's
-layers are cached: plain generation never runs the MTP modules, so cache bytes per token are
-(c + r) x n_layers x dtype bytes (``cache_bytes_per_token``).
+layers are counted: plain generation never runs the MTP modules, so cache bytes per token are
+(c + r) x n_layers x dtype bytes (``cache_bytes_per_token``); speculative decoding adds one layer.
 """
 
 from __future__ import annotations
@@ -31,9 +37,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from model import sampling as sampling_lib
 from model.config import ModelConfig
+from model.decode_experts import small_batch_moe
 from model.mla import MLA
 from model.rope import rope_angles
+from model.sampling import Sampling
 from model.transformer import Transformer
 
 KINDS = ("absorbed", "naive")
@@ -57,11 +66,14 @@ def cache_bytes_per_token(cfg: ModelConfig, kind: str) -> int:
     return per_layer * cfg.n_layers * jnp.dtype(cfg.dtype).itemsize
 
 
+def init_layer_cache(cfg: ModelConfig, batch: int, length: int, kind: str) -> dict:
+    """One layer's cache: name -> [b, length, ...] zeros in the compute dtype."""
+    return {k: jnp.zeros((batch, length) + s, cfg.dtype) for k, s in cache_shapes(cfg, kind).items()}
+
+
 def init_cache(cfg: ModelConfig, batch: int, length: int, kind: str) -> tuple:
-    """One dict per main-model layer: name -> [b, length, ...] zeros in the compute dtype."""
-    shapes = cache_shapes(cfg, kind)
-    return tuple({k: jnp.zeros((batch, length) + s, cfg.dtype) for k, s in shapes.items()}
-                 for _ in range(cfg.n_layers))
+    """One dict per main-model layer."""
+    return tuple(init_layer_cache(cfg, batch, length, kind) for _ in range(cfg.n_layers))
 
 
 # ---- one layer ----
@@ -112,49 +124,59 @@ def _blocks(model: Transformer) -> list:
     return blocks + [nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state)) for i in range(model.cfg.n_moe_layers)]
 
 
-def forward_cached(model: Transformer, tokens: jax.Array, positions: jax.Array, valid: jax.Array, cache: tuple):
-    """tokens, positions, valid [b, t] -> (logits [b, t, V] f32, cache). Writes slots ``positions``."""
+def block_cached(blk, x: jax.Array, positions: jax.Array, valid: jax.Array, cache: dict, small_batch: bool):
+    """One pre-norm block (``model/block.py``) with cached attention: x [b, t, d] -> (x, layer cache).
+
+    ``small_batch``: MoE blocks use ``model/decode_experts.py`` (decode steps); else the layer itself.
+    """
+    a, cache = cached_attention(blk.attn, blk.attn_norm(x), positions, cache)
+    x = x + a.astype(x.dtype)
+    h = blk.mlp_norm(x)
+    if not blk.is_moe:
+        y = blk.mlp(h)
+    elif small_batch:
+        y = small_batch_moe(blk.mlp, h, valid)
+    else:
+        y = blk.mlp(h, valid.astype(jnp.int32))[0]
+    return x + y.astype(x.dtype), cache
+
+
+def hidden_cached(model: Transformer, tokens, positions, valid, cache: tuple, small_batch: bool = False):
+    """tokens, positions, valid [b, t] -> (final-normed hidden [b, t, d], cache). Writes slots ``positions``."""
     x = model.embed_tokens(tokens)
     new_cache = []
     for blk, layer_cache in zip(_blocks(model), cache):
-        a, layer_cache = cached_attention(blk.attn, blk.attn_norm(x), positions, layer_cache)
-        x = x + a.astype(x.dtype)
-        h = blk.mlp_norm(x)
-        y = blk.mlp(h, valid.astype(jnp.int32))[0] if blk.is_moe else blk.mlp(h)
-        x = x + y.astype(x.dtype)
+        x, layer_cache = block_cached(blk, x, positions, valid, layer_cache, small_batch)
         new_cache.append(layer_cache)
-    return model.logits_from(model.final_norm(x)), tuple(new_cache)
+    return model.final_norm(x), tuple(new_cache)
 
 
-# ---- sampling ----
+def forward_cached(model: Transformer, tokens, positions, valid, cache: tuple, small_batch: bool = False):
+    """tokens, positions, valid [b, t] -> (logits [b, t, V] f32, cache). Writes slots ``positions``."""
+    h, cache = hidden_cached(model, tokens, positions, valid, cache, small_batch)
+    return model.logits_from(h), cache
 
-def sample(logits: jax.Array, key: jax.Array, temperature, top_k, top_p) -> jax.Array:
-    """logits [b, V] -> token ids [b]. temperature 0 = greedy; top_k 0 = off; top_p 1 = off.
 
-    The settings may be traced scalars (one compiled step serves every setting). Order as in
-    transformers: temperature, then top-k, then top-p over what top-k kept. Thresholds are on
-    values, so tokens tied with the last kept one are kept too.
+def mtp_cached(model: Transformer, h_prev, tokens_ahead, positions, valid, cache: dict, small_batch: bool = False):
+    """MTP module 1 (``model/mtp.py``) with its own one-layer cache.
+
+    h_prev [b, t, d]: the main model's final-normed hidden at ``positions``; tokens_ahead [b, t]: the
+    token after each position. -> (normed hidden [b, t, d] whose logits predict the token two
+    ahead, cache).
     """
-    v = logits.shape[-1]
-    scaled = logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)
-    desc = -jnp.sort(-scaled, axis=-1)  # [b, V]
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v).astype(jnp.int32)
-    in_k = jnp.arange(v) < k  # [V] ranks top-k keeps
-    probs = jax.nn.softmax(jnp.where(in_k, desc, -jnp.inf), axis=-1)  # [b, V] sorted
-    before = jnp.cumsum(probs, -1) - probs  # mass of strictly more likely tokens
-    n_keep = jnp.sum(in_k & (before < top_p), -1)  # >= 1: the smallest prefix with mass >= top_p
-    threshold = jnp.take_along_axis(desc, (n_keep - 1)[:, None], -1)  # [b, 1]
-    sampled = jax.random.categorical(key, jnp.where(scaled >= threshold, scaled, -jnp.inf), -1)
-    return jnp.where(temperature > 0, sampled, jnp.argmax(logits, -1)).astype(jnp.int32)
+    module = model.mtp[0]
+    x = module.combine(h_prev, model.embed_tokens(tokens_ahead))  # [b, t, d]
+    x, cache = block_cached(module.block, x, positions, valid, cache, small_batch)
+    return module.norm(x), cache
 
 
-# ---- jitted entry points (graphdef static: compiled once per model structure and shape) ----
-
-GREEDY = (0.0, 0, 1.0)  # (temperature, top_k, top_p)
+# ---- the reference loop: one jitted step per token, the host in between ----
+# Kept as the reference for ``model/generation.py`` (the on-device loop) and
+# ``model/speculative.py``: tests compare them token for token.
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
-def prefill(graphdef, state, tokens, lengths, cache, key, sampling=GREEDY):
+def prefill(graphdef, state, tokens, lengths, cache, key, sampling: Sampling | None = None):
     """Right-padded prompts tokens [b, T], lengths [b] -> (last-token logits [b, V], next ids [b], cache)."""
     model = nnx.merge(graphdef, state)
     b, t = tokens.shape
@@ -162,41 +184,65 @@ def prefill(graphdef, state, tokens, lengths, cache, key, sampling=GREEDY):
     valid = positions < lengths[:, None]
     logits, cache = forward_cached(model, tokens, positions, valid, cache)
     last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [b, V]
-    return last, sample(last, key, *sampling), cache
+    return last, sampling_lib.sample(last, key, sampling or sampling_lib.make(b)), cache
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
-def decode_step(graphdef, state, tokens, positions, cache, key, sampling=GREEDY):
+def decode_step(graphdef, state, tokens, positions, cache, key, sampling: Sampling | None = None):
     """One token per row: tokens, positions [b] -> (logits [b, V], next ids [b], cache)."""
     model = nnx.merge(graphdef, state)
     logits, cache = forward_cached(model, tokens[:, None], positions[:, None],
                                    jnp.ones_like(tokens[:, None], bool), cache)
-    return logits[:, 0], sample(logits[:, 0], key, *sampling), cache
+    return logits[:, 0], sampling_lib.sample(logits[:, 0], key, sampling or sampling_lib.make(tokens.shape[0])), cache
 
 
-def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, stop_tokens: Sequence[int] = (),
-             seed: int = 0, cache: str = "absorbed", bucket: int = 16) -> list[list[int]]:
-    """New tokens for each prompt (a stop token, when produced, ends its row and is included)."""
+def bucketed(lengths, max_new_tokens: int, bucket: int, extra: int = 0) -> tuple[int, int]:
+    """(prompt length T, cache length S), each rounded up to a multiple of ``bucket`` so a new
+    prompt length rarely recompiles. ``extra``: slots written past the last token (speculation)."""
+    t = -(-int(max(lengths)) // bucket) * bucket
+    return t, -(-(t + max_new_tokens + extra) // bucket) * bucket
+
+
+def check_request(cfg: ModelConfig, prompts, max_new_tokens: int):
+    """One-line errors for requests ``generate`` cannot serve."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt, each with at least one token")
-    cfg = model.cfg
-    b, lengths = len(prompts), np.array([len(p) for p in prompts], np.int32)
-    if int(lengths.max()) + max_new_tokens > cfg.max_seq_len:
-        raise ValueError(f"longest prompt + max_new_tokens = {int(lengths.max()) + max_new_tokens} exceeds "
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    bad = [int(t) for p in prompts for t in p if not 0 <= int(t) < cfg.vocab_size]
+    if bad:
+        raise ValueError(f"prompt token ids must be in [0, vocab_size={cfg.vocab_size}), got {bad[:5]}")
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > cfg.max_seq_len:
+        raise ValueError(f"longest prompt + max_new_tokens = {longest + max_new_tokens} exceeds "
                          f"model.max_seq_len={cfg.max_seq_len}")
-    # Prompt and cache lengths rounded up to a multiple of ``bucket``: fewer shapes, fewer compiles.
-    t = -(-int(lengths.max()) // bucket) * bucket
-    total = -(-(t + max_new_tokens) // bucket) * bucket
-    tokens = np.zeros((b, t), np.int32)
+
+
+def right_padded(prompts, t: int) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts -> (tokens [b, t] int32 right-padded with 0, lengths [b] int32)."""
+    tokens = np.zeros((len(prompts), t), np.int32)
     for i, p in enumerate(prompts):
         tokens[i, :len(p)] = p
+    return tokens, np.array([len(p) for p in prompts], np.int32)
+
+
+def generate_reference(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                       temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                       stop_tokens: Sequence[int] = (), seed: int = 0, cache: str = "absorbed",
+                       bucket: int = 16) -> list[list[int]]:
+    """New tokens for each prompt (a stop token, when produced, ends its row and is included)."""
+    check_request(model.cfg, prompts, max_new_tokens)
+    if max_new_tokens == 0:
+        return [[] for _ in prompts]
+    t, total = bucketed([len(p) for p in prompts], max_new_tokens, bucket)
+    tokens, lengths = right_padded(prompts, t)
+    b = len(prompts)
     graphdef, state = nnx.split(model)
-    sampling = (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
+    sampling = sampling_lib.make(b, temperature, top_k, top_p)
     key = jax.random.key(seed)
     key, sub = jax.random.split(key)
     _, nxt, kv = prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths),
-                         init_cache(cfg, b, total, cache), sub, sampling=sampling)
+                         init_cache(model.cfg, b, total, cache), sub, sampling=sampling)
     out, done, pos, stops = [[] for _ in range(b)], np.zeros(b, bool), lengths.copy(), set(stop_tokens)
     for step in range(max_new_tokens):
         ids = np.asarray(nxt)

@@ -34,12 +34,15 @@ class MTPModule(nnx.Module):
         self.block = Block(cfg, moe=cfg.n_moe_layers > 0, rngs=rngs)
         self.norm = RMSNorm(d, eps=cfg.rms_eps, param_dtype=pd)  # shared_head.norm
 
-    def __call__(self, h_prev: jax.Array, emb_ahead: jax.Array, positions, segment_ids):
-        """h_prev, emb_ahead [b, t, d] -> (h [b, t, d], normed h for the head, aux)."""
+    def combine(self, h_prev: jax.Array, emb_ahead: jax.Array) -> jax.Array:
+        """Eq. 21: h_prev, emb_ahead [b, t, d] -> the block's input [b, t, d]."""
         dt = self.dtype
         cat = jnp.concatenate([self.enorm(emb_ahead), self.hnorm(h_prev)], axis=-1).astype(dt)  # [b, t, 2d]
-        x = jnp.einsum("btx,xd->btd", cat, self.eh_proj[...].astype(dt))
-        h, aux = self.block(x, positions, segment_ids)
+        return jnp.einsum("btx,xd->btd", cat, self.eh_proj[...].astype(dt))
+
+    def __call__(self, h_prev: jax.Array, emb_ahead: jax.Array, positions, segment_ids):
+        """h_prev, emb_ahead [b, t, d] -> (h [b, t, d], normed h for the head, aux)."""
+        h, aux = self.block(self.combine(h_prev, emb_ahead), positions, segment_ids)
         return h, self.norm(h), aux
 
 

@@ -1,12 +1,23 @@
-"""Decode throughput and cache size: absorbed latent cache vs naive expanded K/V (model/decode.py).
+"""Generation throughput: the on-device loop, the per-token reference loop, MTP speculative decoding,
+transformers' generate on the same weights, and the memory-bandwidth bound of a decode step.
 
-  python -m tools.bench_decode [--presets moe_tiny,small] [--batch 1,8] [--context 512] [--steps 32]
+  python -m tools.bench_decode table [--batch 1,8] [--new 128] [--hf] [--dtype float32] [--rounds 2]
+  python -m tools.bench_decode sweep [--batch 1,8,64] [--prompt 64,1024] [--new 64] [--cache absorbed,naive]
+  python -m tools.bench_decode acceptance --ckpt WORKDIR [--rows 32]
 
-Prints one JSON line per (preset, batch, cache): decode tokens/s with random weights, timed over
-``steps`` jitted decode steps after a prefill of ``context - steps`` tokens (compilation and
-prefill excluded), at a cache of ``context`` slots. Then the cache bytes per token of
-``deepseek_v3_671b`` for both caches, computed from the config (nothing allocated).
-Results: docs/benchmarks.md, "Decoding".
+Model (``issue_shape``): 4 layers (1 dense), d_model 512, MLA with 8 heads, q_lora 256, kv_lora 128,
+16 routed experts top-4 in 4 groups + 1 shared, vocabulary 8192, one MTP module; random weights.
+``table``: 64-token prompts, ``--new`` greedy tokens, no stop token; every method once per round,
+back to back (``--rounds``), compilation excluded (a warm-up call per shape first); tokens/s =
+new tokens / wall time of the whole call (prefill included, as transformers' generate). ``--hf``
+adds transformers' ``DeepseekV3ForCausalLM.generate`` (weights exported with ``model/hf.py``,
+on cuda when there is one) and the fraction of its greedy tokens equal to ours.
+``sweep``: decode tokens/s and ms per step (prefill excluded), plain and speculative, with the
+bound: bytes read per step (weights touched + cache) / measured copy bandwidth; then DeepSeek-V3's
+cache bytes per token for the absorbed (c_KV + k_rope) and the naive (per-head K, V) cache.
+``acceptance``: MTP draft acceptance of a trained run on its held-out (validation) files, greedy
+and at temperature 1 (needs the training stack: grain, ml_collections; the others do not).
+One JSON line per measurement, then a markdown table. Results: docs/benchmarks.md, "Generation".
 """
 
 from __future__ import annotations
@@ -14,62 +25,245 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
+import statistics
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from model import decode, presets
+from model import decode, generation, presets
+from model.config import ModelConfig
 from model.transformer import Transformer
 
 
-def bench(name: str, batch: int, context: int, steps: int, kind: str, model=None) -> dict:
-    model = model or Transformer(presets.get(name), rngs=nnx.Rngs(0))
+def issue_shape(dtype: str = "float32") -> ModelConfig:
+    return ModelConfig(vocab_size=8192, d_model=512, n_layers=4, first_k_dense=1, dense_ffn_dim=1536, n_heads=8,
+                       q_lora_rank=256, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
+                       n_routed_experts=16, n_shared_experts=1, n_experts_per_tok=4, moe_ffn_dim=256, n_group=4,
+                       topk_group=2, mtp_depth=1, max_seq_len=4096, param_dtype=dtype, dtype=dtype)
+
+
+def env() -> dict:
+    return {"backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind), "host_cpus": os.cpu_count(),
+            "jax": jax.__version__}
+
+
+def copy_bandwidth(n_bytes: int) -> float:
+    """Bytes/s of an on-device elementwise pass (reads and writes n_bytes each), best of 5. The
+    input is donated: the output reuses its buffer, so no fresh pages are faulted in per call."""
+    x = jnp.ones((n_bytes // 4,), jnp.float32)
+    f = jax.jit(lambda a: a * 1.0001, donate_argnums=0)
+    x = f(x).block_until_ready()
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        x = f(x).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n_bytes / best
+
+
+def step_bytes(model: Transformer, batch: int, context: int, speculative: bool) -> int:
+    """Bytes one decode step must read: every weight it uses once (routed experts: the expected
+    number of distinct experts m tokens touch, E (1 - (1 - k/E)^m), uniform routing), the embedding
+    rows only, and each row's cache over ``context`` tokens (MTP layer too when speculative)."""
     cfg = model.cfg
-    graphdef, state = nnx.split(model)
-    prompt = context - steps
-    rng = np.random.RandomState(0)
-    tokens = jnp.asarray(rng.randint(0, cfg.vocab_size, (batch, prompt)), jnp.int32)
-    lengths = jnp.full((batch,), prompt, jnp.int32)
-    key = jax.random.key(0)
-    cache = decode.init_cache(cfg, batch, context, kind)
-    _, nxt, cache = decode.prefill(graphdef, state, tokens, lengths, cache, key)
-    pos = lengths
-    _, nxt, cache = decode.decode_step(graphdef, state, nxt, pos, cache, key)  # compile
-    jax.block_until_ready(nxt)
-    t0 = time.perf_counter()
-    for i in range(1, steps):
-        _, nxt, cache = decode.decode_step(graphdef, state, nxt, pos + i, cache, key)
-    jax.block_until_ready(nxt)
-    secs = time.perf_counter() - t0
-    n = (steps - 1) * batch
-    return {"preset": name, "cache": kind, "batch": batch, "context": context, "decode_tokens_per_s": n / secs,
-            "ms_per_step": 1e3 * secs / (steps - 1), "cache_bytes_per_token": decode.cache_bytes_per_token(cfg, kind),
-            "backend": jax.default_backend(), "host_cpus": os.cpu_count()}
+    m = batch * (2 if speculative else 1)
+    e, k = cfg.n_routed_experts, cfg.n_experts_per_tok
+    touched = e * (1 - (1 - k / e) ** m) / e  # fraction of the routed experts read
+    total = 0
+    for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        nbytes = v.get_value().nbytes
+        if path[0] == "mtp" and not speculative:
+            continue
+        if path[0] == "embed":
+            nbytes = m * cfg.d_model * v.get_value().dtype.itemsize
+        elif path[-1] in ("w_gate", "w_up", "w_down"):
+            nbytes = int(nbytes * touched)
+        total += nbytes
+    layers = cfg.n_layers + (1 if speculative else 0)
+    return total + batch * context * decode.cache_bytes_per_token(cfg, "absorbed") * layers // cfg.n_layers
+
+
+def _prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list:
+    return np.random.RandomState(seed).randint(3, vocab, (batch, length)).tolist()
+
+
+# ---- transformers on the same weights ----
+
+def hf_generator(model: Transformer, dtype: str):
+    """(generate(prompts, new) -> token lists, device name): transformers' model with our weights."""
+    import tempfile
+
+    import torch
+    import transformers
+
+    from model import hf
+
+    transformers.logging.set_verbosity_error()  # it lists the MTP tensors it does not load
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(model, d)
+        m = transformers.DeepseekV3ForCausalLM.from_pretrained(d, dtype=getattr(torch, dtype)).eval().to(device)
+
+    def gen(prompts, new, threads=0):
+        if threads:
+            torch.set_num_threads(threads)
+        ids = torch.tensor(prompts, device=device)
+        with torch.no_grad():
+            out = m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                             do_sample=False, pad_token_id=0)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out[:, ids.shape[1]:].tolist()
+
+    return gen, device
+
+
+# ---- modes ----
+
+def table(args):
+    model = Transformer(issue_shape(args.dtype), rngs=nnx.Rngs(0))
+    methods = {
+        "new_loop": lambda p: generation.generate(model, p, max_new_tokens=args.new),
+        "old_loop": lambda p: decode.generate_reference(model, p, max_new_tokens=args.new),
+        "speculative": lambda p: generation.generate(model, p, max_new_tokens=args.new, speculative=True),
+    }
+    if args.hf:
+        gen, hf_device = hf_generator(model, args.dtype)
+        for n in (int(x) for x in args.torch_threads.split(",")):
+            methods["transformers" + (f"_threads{n}" if n else "")] = lambda p, n=n: gen(p, args.new, n)
+    rows = []
+    for b in (int(x) for x in args.batch.split(",")):
+        prompts = _prompts(b, 64, model.cfg.vocab_size)
+        outs = {name: fn(prompts) for name, fn in methods.items()}  # warm-up: compile every shape
+        secs = {name: [] for name in methods}
+        for _ in range(args.rounds):
+            for name, fn in methods.items():
+                t0 = time.perf_counter()
+                fn(prompts)
+                secs[name].append(time.perf_counter() - t0)
+        for name in methods:
+            same = np.mean([a == r for a, r in zip(np.ravel(outs[name]), np.ravel(outs["old_loop"]))])
+            row = {"mode": "table", "method": name, "batch": b, "prompt": 64, "new": args.new, "dtype": args.dtype,
+                   "tokens_per_s": [round(b * args.new / s, 1) for s in secs[name]],
+                   "median_tokens_per_s": round(b * args.new / statistics.median(secs[name]), 1),
+                   "same_greedy_tokens_as_old_loop": round(float(same), 4), **env()}
+            if name.startswith("transformers"):
+                row["torch_device"] = hf_device
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    if args.bandwidth:  # batch 1, decode steps only (prefill excluded)
+        bw = copy_bandwidth(args.copy_mib << 20)
+        prompts = _prompts(1, 64, model.cfg.vocab_size)
+        r = [generation.generate_details(model, prompts, max_new_tokens=args.new) for _ in range(2)][-1]
+        s = (r.seconds - r.ttft_s) / r.steps
+        nbytes = step_bytes(model, 1, 64 + args.new // 2, False)
+        row = {"mode": "bandwidth", "batch": 1, "dtype": args.dtype, "step_bytes": nbytes, "ms_per_step": round(1e3 * s, 4),
+               "achieved_GBps": round(nbytes / s / 1e9, 2), "copy_GBps": round(bw / 1e9, 1),
+               "fraction_of_copy": round(nbytes / s / bw, 4), **env()}
+        if args.peak_gbps:
+            row["fraction_of_peak"] = round(nbytes / s / 1e9 / args.peak_gbps, 4)
+        print(json.dumps(row), flush=True)
+    print("\n| batch | " + " | ".join(methods) + " |  (tokens/s, median of rounds)\n|---|" + "---|" * len(methods))
+    for b in sorted({r["batch"] for r in rows}):
+        print(f"| {b} | " + " | ".join(f"{r['median_tokens_per_s']:,.0f}" for r in rows if r["batch"] == b) + " |")
+
+
+def sweep(args):
+    model = Transformer(issue_shape(args.dtype), rngs=nnx.Rngs(0))
+    bw = copy_bandwidth(args.copy_mib << 20)
+    print(json.dumps({"mode": "copy_bandwidth", "GBps": round(bw / 1e9, 2), **env()}), flush=True)
+    for t in (int(x) for x in args.prompt.split(",")):
+        for b in (int(x) for x in args.batch.split(",")):
+            prompts = _prompts(b, t, model.cfg.vocab_size)
+            for spec, kind in [(False, c) for c in args.cache.split(",")] + [(True, "absorbed")]:
+                kw = dict(max_new_tokens=args.new, speculative=spec, cache=kind)
+                generation.generate_details(model, prompts, **kw)  # compile
+                r = generation.generate_details(model, prompts, **kw)
+                decode_s = r.seconds - r.ttft_s
+                n = sum(len(x) for x in r.tokens) - b  # tokens after the prefill's first
+                ms_step = 1e3 * decode_s / max(r.steps, 1)
+                nbytes = step_bytes(model, b, t + args.new // 2, spec)
+                print(json.dumps({
+                    "mode": "sweep", "method": "speculative" if spec else "new_loop", "cache": kind, "batch": b,
+                    "prompt": t,
+                    "new": args.new, "dtype": args.dtype, "decode_tokens_per_s": round(n / decode_s, 1),
+                    "ms_per_step": round(ms_step, 3), "ms_per_token": round(1e3 * decode_s / n * b, 3),
+                    "tokens_per_step_per_row": round(n / b / max(r.steps, 1), 3), "prefill_s": round(r.ttft_s, 3),
+                    "step_bytes": nbytes, "bound_ms_per_step": round(1e3 * nbytes / bw, 3),
+                    "fraction_of_bound": round(1e3 * nbytes / bw / ms_step, 3),
+                    "acceptance": round(r.accepted / r.drafted, 3) if r.drafted else None, **env()}), flush=True)
+    v3 = presets.deepseek_v3_671b()
+    for kind in decode.KINDS:  # from the config, nothing allocated
+        per_tok = decode.cache_bytes_per_token(v3, kind)
+        print(json.dumps({"preset": "deepseek_v3_671b", "cache": kind, "dtype": v3.dtype, "cache_bytes_per_token": per_tok,
+                          "GiB_per_128k_token_sequence": per_tok * 131072 / 2 ** 30}))
+
+
+def acceptance(args):
+    import ml_collections
+
+    from tools.convert_hf import load_model
+    from train.data import load_corpus, load_tokenizer
+
+    model = load_model(args.ckpt)
+    data = ml_collections.ConfigDict(json.loads(Path(args.ckpt, "config.json").read_text())["data"])
+    tok, docs = load_tokenizer(data), load_corpus(data, "validation")
+    rng, prompts = np.random.RandomState(0), []
+    for i in rng.permutation(len(docs)):
+        ids = [int(x) for x in tok.encode(docs[i])]
+        if len(ids) >= args.prompt + args.new:
+            at = rng.randint(0, len(ids) - args.prompt - args.new + 1)
+            prompts.append([tok.bos_id] + ids[at:at + args.prompt])
+        if len(prompts) == args.rows:
+            break
+    for temperature in (0.0, 1.0):
+        kw = dict(max_new_tokens=args.new, temperature=temperature)
+        for spec in (False, True):
+            generation.generate_details(model, prompts, speculative=spec, **kw)  # compile
+        runs = {False: [], True: []}
+        for _ in range(args.rounds):  # back to back
+            for spec in (False, True):
+                runs[spec].append(generation.generate_details(model, prompts, speculative=spec, **kw))
+        r = runs[True][-1]
+        tps = {s: [round(sum(len(x) for x in q.tokens) / q.seconds, 1) for q in runs[s]] for s in runs}
+        print(json.dumps({"mode": "acceptance", "ckpt": args.ckpt, "held_out_prompts": len(prompts),
+                          "prompt": args.prompt + 1, "new": args.new, "temperature": temperature,
+                          "acceptance": round(r.accepted / r.drafted, 4), "drafted": r.drafted,
+                          "tokens_per_verify_step": round(1 + r.accepted / r.drafted, 3),
+                          "plain_tokens_per_s": tps[False], "speculative_tokens_per_s": tps[True],
+                          **env()}), flush=True)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--presets", default="moe_tiny,small")
-    ap.add_argument("--batch", default="1,8")
-    ap.add_argument("--context", type=int, default=512)
-    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("mode", choices=("table", "sweep", "acceptance"))
+    ap.add_argument("--batch", default=None, help="comma list (table: 1,8; sweep: 1,8,64)")
+    ap.add_argument("--prompt", default="64,1024", help="sweep: prompt lengths; acceptance: one length")
+    ap.add_argument("--new", type=int, default=None, help="new tokens (table 128, sweep 64, acceptance 128)")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--cache", default="absorbed", help="sweep, plain decoding: absorbed and/or naive")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--hf", action="store_true", help="table: add transformers' generate (needs torch)")
+    ap.add_argument("--torch_threads", default="0", help="table --hf: torch CPU threads, comma list (0: its default)")
+    ap.add_argument("--bandwidth", action="store_true", help="table: batch-1 bytes per step vs copy bandwidth")
+    ap.add_argument("--peak_gbps", type=float, default=0.0, help="the device's peak bandwidth (H200: 4800)")
+    ap.add_argument("--copy_mib", type=int, default=256, help="array size of the copy-bandwidth probe")
+    ap.add_argument("--ckpt", default=None, help="acceptance: a training workdir")
+    ap.add_argument("--rows", type=int, default=32)
     args = ap.parse_args(argv)
-    for name in args.presets.split(","):
-        model = Transformer(presets.get(name), rngs=nnx.Rngs(0))
-        for b in (int(x) for x in args.batch.split(",")):
-            for kind in decode.KINDS:
-                row = bench(name, b, args.context, args.steps, kind, model)
-                row["machine"] = platform.processor() or platform.machine()
-                print(json.dumps(row), flush=True)
-    v3 = presets.deepseek_v3_671b()
-    for kind in decode.KINDS:
-        per_tok = decode.cache_bytes_per_token(v3, kind)
-        print(json.dumps({"preset": "deepseek_v3_671b", "cache": kind, "dtype": v3.dtype,
-                          "cache_bytes_per_token": per_tok, "GiB_per_128k_token_sequence": per_tok * 131072 / 2 ** 30}))
+    if args.new is not None and args.new < 1:
+        ap.error(f"--new must be >= 1, got {args.new}")
+    defaults = {"table": ("1,8", 128), "sweep": ("1,8,64", 64), "acceptance": ("", 128)}[args.mode]
+    args.batch, args.new = args.batch or defaults[0], args.new or defaults[1]
+    if args.mode == "acceptance":
+        if not args.ckpt:
+            ap.error("acceptance needs --ckpt WORKDIR")
+        args.prompt = int(args.prompt.split(",")[0])
+    {"table": table, "sweep": sweep, "acceptance": acceptance}[args.mode](args)
 
 
 if __name__ == "__main__":

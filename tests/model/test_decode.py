@@ -1,4 +1,4 @@
-"""Cached decoding (model/decode.py) against the full forward pass."""
+"""Cached decoding (model/decode.py) against the full forward pass; the reference generation loop."""
 
 import functools
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from model import decode, presets
+from model import decode, presets, sampling
 from model.config import YarnConfig
 from model.transformer import Transformer
 from tests.tolerances import assert_close
@@ -70,14 +70,13 @@ def test_ragged_batch_matches_single_prompts(model):
     tokens = np.zeros((3, 16), np.int32)  # the shapes generate() buckets to: one compile for both
     for i, p in enumerate(prompts):
         tokens[i, :len(p)] = p
-    greedy = (jnp.float32(0), jnp.int32(0), jnp.float32(1))
     last, _, _ = decode.prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths),
-                                decode.init_cache(CFG, 3, 32, "absorbed"), jax.random.key(0), greedy)
+                                decode.init_cache(CFG, 3, 32, "absorbed"), jax.random.key(0), sampling.make(3))
     for i, p in enumerate(prompts):  # the prefill's last-token logits are the unpadded forward's
         full = _forward(model, [p])[0, -1]
         assert_close(np.asarray(last)[i], full)
-    batch = decode.generate(model, prompts, max_new_tokens=6)
-    single = [decode.generate(model, [p], max_new_tokens=6)[0] for p in prompts]
+    batch = decode.generate_reference(model, prompts, max_new_tokens=6)
+    single = [decode.generate_reference(model, [p], max_new_tokens=6)[0] for p in prompts]
     assert batch == single
     # greedy continuation = argmax of the full forward over prompt + generated tokens
     seq = prompts[0] + batch[0]
@@ -87,29 +86,30 @@ def test_ragged_batch_matches_single_prompts(model):
 
 def test_sampling_controls(model):
     prompts = [[1, 2, 3], [9, 8]]
-    greedy = decode.generate(model, prompts, max_new_tokens=5)
-    assert decode.generate(model, prompts, max_new_tokens=5, temperature=1.0, top_k=1) == greedy
-    assert decode.generate(model, prompts, max_new_tokens=5, temperature=1.0, top_p=1e-6) == greedy
-    a = decode.generate(model, prompts, max_new_tokens=5, temperature=1.0, top_k=20, top_p=0.9, seed=3)
-    assert a == decode.generate(model, prompts, max_new_tokens=5, temperature=1.0, top_k=20, top_p=0.9, seed=3)
+    gen = functools.partial(decode.generate_reference, model, prompts, max_new_tokens=5)
+    greedy = gen()
+    assert gen(temperature=1.0, top_k=1) == greedy
+    assert gen(temperature=1.0, top_p=1e-6) == greedy
+    a = gen(temperature=1.0, top_k=20, top_p=0.9, seed=3)
+    assert a == gen(temperature=1.0, top_k=20, top_p=0.9, seed=3)
     stop = greedy[0][2]
-    got = decode.generate(model, prompts, max_new_tokens=5, stop_tokens=(stop,))
+    got = gen(stop_tokens=(stop,))
     assert got[0] == greedy[0][:greedy[0].index(stop) + 1]
+
+
+def _draws(logits, temperature, top_k, top_p):
+    s = sampling.make(logits.shape[0], temperature, top_k, top_p)
+    return set(np.asarray(sampling.sample(logits, jax.random.key(0), s)).tolist())
 
 
 def test_sample_top_k_top_p_support():
     logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 256))
-    keys = jax.random.split(jax.random.key(0), 1)[0]
-    draws = np.asarray(decode.sample(logits, keys, 1.0, 2, 1.0))
-    assert set(draws) == {0, 1}
-    draws = np.asarray(decode.sample(logits, keys, 1.0, 0, 0.75))  # 0.5 + 0.3 >= 0.75: two tokens
-    assert set(draws) == {0, 1}
-    draws = np.asarray(decode.sample(logits, keys, 1.0, 0, 0.85))
-    assert set(draws) == {0, 1, 2}
-    draws = np.asarray(decode.sample(logits, keys, 1.0, 3, 0.99))  # top-p over what top-k kept
-    assert set(draws) == {0, 1, 2}
-    assert set(np.asarray(decode.sample(logits, keys, 1.0, 0, 1.0))) == {0, 1, 2, 3}
-    assert set(np.asarray(decode.sample(logits, keys, 0.0, 0, 1.0))) == {0}
+    assert _draws(logits, 1.0, 2, 1.0) == {0, 1}
+    assert _draws(logits, 1.0, 0, 0.75) == {0, 1}  # 0.5 + 0.3 >= 0.75: two tokens
+    assert _draws(logits, 1.0, 0, 0.85) == {0, 1, 2}
+    assert _draws(logits, 1.0, 3, 0.99) == {0, 1, 2}  # top-p over what top-k kept
+    assert _draws(logits, 1.0, 0, 1.0) == {0, 1, 2, 3}
+    assert _draws(logits, 0.0, 0, 1.0) == {0}
 
 
 def test_cache_bytes_per_token():
