@@ -77,7 +77,7 @@ def test_blockwise_saves_no_score_matrix():
 
 
 def test_resolve_impl():
-    kw = dict(seq_len=1024, dtype=jnp.bfloat16, qk_head_dim=192)
+    kw = {"seq_len": 1024, "dtype": jnp.bfloat16, "qk_head_dim": 192}
     assert resolve_impl("auto", backend="cpu", **{**kw, "seq_len": 128}) == "naive"
     assert resolve_impl("auto", backend="cpu", **kw) == "xla"
     assert resolve_impl("auto", backend="tpu", **kw) == "splash"
