@@ -34,12 +34,14 @@ class MTPModule(nnx.Module):
         self.block = Block(cfg, moe=cfg.n_moe_layers > 0, rngs=rngs)
         self.norm = RMSNorm(d, eps=cfg.rms_eps, param_dtype=pd)  # shared_head.norm
 
-    def __call__(self, h_prev: jax.Array, emb_ahead: jax.Array, positions, segment_ids):
-        """h_prev, emb_ahead [b, t, d] -> (h [b, t, d], normed h for the head, aux)."""
+    def __call__(self, h_prev: jax.Array, emb_ahead: jax.Array, positions, segment_ids, *, train: bool = False,
+                 ep=None):
+        """h_prev, emb_ahead [b, t, d] -> (h [b, t, d], normed h for the head, aux); ``train``, ``ep``:
+        see ``MoE.__call__``."""
         dt = self.dtype
         cat = jnp.concatenate([self.enorm(emb_ahead), self.hnorm(h_prev)], axis=-1).astype(dt)  # [b, t, 2d]
         x = jnp.einsum("btx,xd->btd", cat, self.eh_proj[...].astype(dt))
-        h, aux = self.block(x, positions, segment_ids)
+        h, aux = self.block(x, positions, segment_ids, train=train, ep=ep)
         return h, self.norm(h), aux
 
 

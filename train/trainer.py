@@ -37,7 +37,7 @@ class NonFiniteError(RuntimeError):
 
 
 def model_config(config) -> ModelConfig:
-    """``config.model`` plus the kernel backend ``config.kernels.impl`` (auto | pallas | xla), with
+    """``config.model`` plus the kernel backend ``config.kernels.impl`` (auto | scan | ragged_dot | pallas), with
     ``model.dtype = "auto"`` resolved for the current backend."""
     fields = config.model.to_dict()
     if "kernels" in config:
@@ -134,7 +134,7 @@ def train_and_evaluate(config, workdir: str, *, on_step: Optional[Callable[[int]
     # ---- compiled steps: state keeps its shardings, batches are split over the batch axes ----
     batch_sh, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
     train_step = sharded_train_step(graphdef, tx, tc, mesh, state_sh)
-    eval_step = sharding.MeshJit(make_eval_step(graphdef), mesh, out_shardings=replicated,
+    eval_step = sharding.MeshJit(make_eval_step(graphdef, sharding.expert_parallel(mesh)), mesh, out_shardings=replicated,
                                  in_shardings=(state_sh["params"], state_sh["rest"], batch_sh))
     flops_per_token = model_flops_per_token(cfg, config.data.seq_len)
     peak, peak_src = peak_flops(tc.peak_flops)

@@ -1,7 +1,7 @@
 """Public fine-grained low-precision ops (DeepSeek-V3 report, Sec. 3.3) with backend dispatch.
 
-impl: "pallas" (kernels; compiled on TPU, interpreted elsewhere when interpret is None), "xla"
-(the jnp reference), "auto" (pallas on TPU, xla elsewhere). fmt: "fp8" (float8_e4m3fn, qmax 448)
+impl: ``kernels_pallas.backend``'s vocabulary: "pallas" (kernels; compiled on TPU, interpreted
+elsewhere when interpret is None); "scan" / "ragged_dot" (XLA) run the jnp reference; "auto". fmt: "fp8" (float8_e4m3fn, qmax 448)
 or "int8" (qmax 127, round to nearest).
 """
 
@@ -12,7 +12,12 @@ import jax.numpy as jnp
 
 from kernels_pallas.fp8 import kernel, reference
 from kernels_pallas.fp8.kernel import BlockSizes
-from kernels_pallas.gmm.ops import resolve_impl
+from kernels_pallas.backend import interpret_default, resolve
+
+
+def resolve_impl(impl, interpret):
+  """("pallas" | "xla", interpret) from the shared vocabulary ("xla": the jnp reference)."""
+  return ("pallas" if resolve(impl) == "pallas" else "xla"), interpret_default(interpret)
 
 
 def quantize_activations(x, *, fmt="fp8", pow2_scale=False, block_sizes=BlockSizes(),
