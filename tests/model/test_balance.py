@@ -3,9 +3,10 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
-from model.balance import max_violation, routers, sequence_balance_loss, update_router_biases
+from model.balance import load_shape, max_violation, routers, sequence_balance_loss, update_router_biases
 from model.transformer import Transformer
 from tests.util import tiny_config
 
@@ -65,3 +66,21 @@ def test_sequence_balance_loss_formula():
         rows += 1
     got = sequence_balance_loss(jnp.asarray(ids), jnp.asarray(scores), jnp.asarray(valid), e)
     np.testing.assert_allclose(float(got), total / rows, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_forward_returns_each_routers_load_in_update_order(scan):
+    """aux["expert_load"] has one row per MoE layer (+ MTP) in ``routers`` order, counting the valid
+    tokens' assignments: biasing one layer's router to expert 0 shows up in that row only."""
+    cfg = tiny_config(scan_layers=scan, n_layers=4, n_group=1, topk_group=1)
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    layer = 1  # the second MoE layer
+    r = routers(model)[0 if scan else layer]
+    bias = r.bias[...]  # [l, e] scanned, else [e]
+    r.bias[...] = bias.at[layer, 0].set(100.0) if scan else bias.at[0].set(100.0)
+    ids = jax.random.randint(jax.random.key(1), (2, 10), 0, cfg.vocab_size)
+    seg = jnp.ones((2, 10), jnp.int32).at[1, 7:].set(0)
+    loads = np.asarray(model(ids, None, seg).aux["expert_load"])
+    assert loads.shape == load_shape(model) == (cfg.n_moe_layers + cfg.mtp_depth, cfg.n_routed_experts)
+    np.testing.assert_array_equal(loads.sum(-1), 17 * cfg.n_experts_per_tok)
+    np.testing.assert_array_equal(loads[:, 0] == 17, np.arange(len(loads)) == layer)
