@@ -1,7 +1,8 @@
 """Public fine-grained low-precision ops (DeepSeek-V3 report, Sec. 3.3) with backend dispatch.
 
-impl: ``kernels_pallas.backend``'s vocabulary: "pallas" (kernels; compiled on TPU, interpreted
-elsewhere when interpret is None); "scan" / "ragged_dot" (XLA) run the jnp reference; "auto". fmt: "fp8" (float8_e4m3fn, qmax 448)
+impl: "pallas" (kernels; compiled on TPU, interpreted elsewhere when interpret is None), "xla"
+(the jnp reference), "auto" (``kernels_pallas.backend.resolve``: pallas on TPU, xla elsewhere).
+fmt: "fp8" (float8_e4m3fn, qmax 448)
 or "int8" (qmax 127, round to nearest).
 """
 
@@ -16,8 +17,12 @@ from kernels_pallas.backend import interpret_default, resolve
 
 
 def resolve_impl(impl, interpret):
-  """("pallas" | "xla", interpret) from the shared vocabulary ("xla": the jnp reference)."""
-  return ("pallas" if resolve(impl) == "pallas" else "xla"), interpret_default(interpret)
+  """("pallas" | "xla", interpret); "auto" is resolved by the shared ``kernels_pallas.backend``."""
+  if impl == "auto":
+    impl = "pallas" if resolve(impl) == "pallas" else "xla"
+  if impl not in ("pallas", "xla"):
+    raise ValueError(f"impl must be 'auto', 'pallas' or 'xla', got {impl!r}")
+  return impl, interpret_default(interpret)
 
 
 def quantize_activations(x, *, fmt="fp8", pow2_scale=False, block_sizes=BlockSizes(),
