@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 class Plan(NamedTuple):
     src: jax.Array  # [n_dest * rows] flat assignment (token * k + slot) of each buffer row; m*k = empty
-    slot: jax.Array  # [m*k] buffer row of each assignment; n_dest * rows = not computed
+    slot: jax.Array  # [m*k] buffer row of each assignment; >= n_dest * rows: not computed
     local_expert: jax.Array  # [n_dest * rows] expert id within its destination; E_l = empty row
     group_sizes: jax.Array  # [E] kept rows per expert
     dropped: jax.Array  # scalar int32: valid assignments not computed
@@ -63,21 +63,21 @@ def plan(ids: jax.Array, valid: jax.Array, n_experts: int, n_dest: int, capacity
     before = jnp.cumsum(kept) - kept  # [E] kept rows of all lower experts
     within = before - before[(jnp.arange(n_experts) // e_local) * e_local]  # ... of lower experts on j
     total = n_dest * rows
-    row = jnp.where(keep, (ekey // e_local) * rows + within[ekey] + rank, total)  # [m*k] sorted order
-    slot = jnp.zeros((mk,), jnp.int32).at[order].set(row.astype(jnp.int32), unique_indices=True)
-    src = jnp.full((total + 1,), mk, jnp.int32).at[row].set(order.astype(jnp.int32))[:total]
-    local = jnp.full((total + 1,), e_local, jnp.int32).at[row].set(ekey % e_local)[:total]
+    # Buffer row of each sorted assignment; the ones not computed get distinct rows past the buffer,
+    # so every index below is unique (cheap scatters and transposes) and out-of-bounds reads give 0.
+    row = jnp.where(keep, (ekey // e_local) * rows + within[ekey] + rank, total + jnp.arange(mk)).astype(jnp.int32)
+    slot = jnp.zeros((mk,), jnp.int32).at[order].set(row, unique_indices=True)
+    src = jnp.full((total,), mk, jnp.int32).at[row].set(order.astype(jnp.int32), mode="drop", unique_indices=True)
+    local = jnp.full((total,), e_local, jnp.int32).at[row].set(ekey % e_local, mode="drop", unique_indices=True)
     dropped = jnp.sum(real & ~keep).astype(jnp.int32)
     return Plan(src, slot, local, kept, dropped)
 
 
 def gather(x: jax.Array, src: jax.Array, k: int) -> jax.Array:
-    """Buffer rows from token rows: x [m, d], src [r] -> [r, d] (empty rows are zero)."""
-    x = jnp.concatenate([x, jnp.zeros((1,) + x.shape[1:], x.dtype)])  # row m: the empty row
-    return x[src // k]
+    """Buffer rows from token rows: x [m, d], src [r] -> [r, d] (empty rows, src = m*k, are zero)."""
+    return x.at[src // k].get(mode="fill", fill_value=0)
 
 
 def scatter_back(y: jax.Array, slot: jax.Array) -> jax.Array:
     """Each assignment's result: y [r, d] buffer rows, slot [m*k] -> [m*k, d] (zero if not computed)."""
-    y = jnp.concatenate([y, jnp.zeros((1,) + y.shape[1:], y.dtype)])  # row r: not computed
-    return y[slot]
+    return y.at[slot].get(mode="fill", fill_value=0, unique_indices=True)
