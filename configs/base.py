@@ -45,9 +45,9 @@ def build(preset: str) -> ml_collections.ConfigDict:
     # AdamW + schedule (train/optimizer.py).
     c.optimizer = default_optimizer_config()
 
-    # Kernel backends (kernels_pallas/). impl: "auto" = Pallas where it compiles (TPU) and XLA
-    # elsewhere; "pallas" forces the Pallas kernels (interpreted on CPU: slow, for tests);
-    # "xla" = the portable path (model/grouped_matmul.py).
+    # Kernel backend of the grouped matmul and router (kernels_pallas/backend.py): "auto" = Pallas
+    # on TPU, ragged_dot on GPU, scan on CPU; "pallas" forces the Pallas kernels (interpreted on
+    # CPU: slow, for tests); "ragged_dot" = lax.ragged_dot; "scan" = the portable tiled scan.
     c.kernels = ml_collections.ConfigDict({"impl": "auto"})
     # The one kernel switch is kernels.impl; model.kernels_impl refers to it (one value under
     # ModelConfig's field name: setting either sets both).

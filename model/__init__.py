@@ -10,7 +10,8 @@ Letter glossary used in every einsum and shape comment of this package:
 
 Files (one concept each): config.py (ModelConfig), norms.py, rope.py (RoPE + YaRN), mla.py
 (Multi-head Latent Attention), ffn.py (SwiGLU), router.py (DeepSeekMoE gate), grouped_matmul.py
-(activated-FLOPs expert matmul), moe.py (routed + shared experts), balance.py (aux-free bias update,
+(activated-FLOPs expert matmul), dispatch.py (sort assignments into expert buffers and back),
+moe.py (the MoE pipeline: routed + shared experts), balance.py (aux-free bias update,
 sequence-wise loss), block.py (one transformer block), mtp.py (multi-token prediction),
 transformer.py (the whole model), loss.py, presets.py (named sizes), moe_reference.py (dense
 reference used by the tests), hf_config.py / hf.py (Hugging Face configs and weights), decode.py

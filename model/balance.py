@@ -3,7 +3,7 @@
 1. Auxiliary-loss-free balancing: after each optimizer step, every router's selection bias moves
    against its expert's load in that step's *global* batch:
        b_i <- b_i + gamma * sign(mean_j load_j - load_i)        (paper: gamma = 0.001)
-   Outside the gradient; ``update_router_biases`` applies it in place.
+   Outside the gradient; the loads come from the forward's ``aux["expert_load"]``.
 2. Complementary sequence-wise balance loss (eq. 17-20), weight alpha (paper: 0.0001):
        f_i = N_r / (K_r T) * sum_t 1[i in TopK_t],  s'_{i,t} = s_{i,t} / sum_j s_{j,t},
        P_i = 1/T sum_t s'_{i,t},  L_Bal = alpha * sum_i f_i P_i
@@ -15,11 +15,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model.router import ExpertLoad, Router
+from model.router import Router
 
 
-def sequence_balance_loss(ids: jax.Array, scores: jax.Array, valid: jax.Array, n_experts: int) -> jax.Array:
-    """ids [b, t, k], scores [b, t, e], valid [b, t] -> scalar sum_i f_i P_i averaged over rows."""
+def sequence_balance_terms(ids: jax.Array, scores: jax.Array, valid: jax.Array, n_experts: int):
+    """ids [b, t, k], scores [b, t, e], valid [b, t] -> (sum over rows of sum_i f_i P_i, rows with
+    tokens): the loss is their ratio; sharded callers sum both over devices first."""
     k = ids.shape[-1]
     v = valid.astype(jnp.float32)  # [b, t]
     n_tok = v.sum(-1)  # [b]
@@ -30,32 +31,41 @@ def sequence_balance_loss(ids: jax.Array, scores: jax.Array, valid: jax.Array, n
     p = jnp.einsum("bte,bt->be", s_norm, v) / jnp.maximum(n_tok, 1.0)[:, None]  # [b, e]
     per_row = jnp.sum(f * p, axis=-1)  # [b]
     has = (n_tok > 0).astype(jnp.float32)
-    return jnp.sum(per_row * has) / jnp.maximum(has.sum(), 1.0)
+    return jnp.sum(per_row * has), has.sum()
+
+
+def sequence_balance_loss(ids: jax.Array, scores: jax.Array, valid: jax.Array, n_experts: int) -> jax.Array:
+    """ids [b, t, k], scores [b, t, e], valid [b, t] -> scalar sum_i f_i P_i averaged over rows."""
+    total, rows = sequence_balance_terms(ids, scores, valid, n_experts)
+    return total / jnp.maximum(rows, 1.0)
 
 
 def routers(model: nnx.Module) -> list[Router]:
-    """Every Router in the model, main blocks first, then MTP modules (graph order)."""
-    return [node for _, node in nnx.iter_graph(model) if isinstance(node, Router)]
+    """Every Router of a ``Transformer`` in forward order (main blocks, then MTP modules): the order
+    of the rows of ``aux["expert_load"]``. A scanned block stack has one Router of [l, e] bias."""
+    stack = model.moe_blocks
+    blocks = list(model.dense_blocks) + (list(stack) if isinstance(stack, nnx.List) else [stack])
+    blocks += [m.block for m in model.mtp]
+    return [blk.mlp.router for blk in blocks if blk.is_moe]
 
 
-def update_router_biases(model: nnx.Module, gamma: float) -> None:
-    """Aux-loss-free update from each router's ``load`` (set by the last forward over the global batch)."""
+def load_shape(model: nnx.Module) -> tuple[int, int]:
+    """Shape of ``aux["expert_load"]``: (routers' layers, e)."""
+    return sum(r.bias[...].size // r.bias[...].shape[-1] for r in routers(model)), model.cfg.n_routed_experts
+
+
+def update_router_biases(model: nnx.Module, loads: jax.Array, gamma: float) -> None:
+    """Aux-loss-free update of every router's bias from ``loads`` [n_moe_layers (+ MTP), e]."""
+    i = 0
     for r in routers(model):
-        load = r.load[...]  # [e] or [l, e] when layers are scanned
-        mean = load.mean(-1, keepdims=True)
-        r.bias[...] = r.bias[...] + gamma * jnp.sign(mean - load)
-
-
-def expert_loads(model: nnx.Module) -> jax.Array:
-    """[n_moe_layers (+ MTP), e] assignment counts of the last forward."""
-    rows = [r.load[...].reshape(-1, r.load[...].shape[-1]) for r in routers(model)]
-    return jnp.concatenate(rows, axis=0)
+        bias = r.bias[...]  # [e] or [l, e] when layers are scanned
+        rows = bias.size // bias.shape[-1]
+        load = loads[i:i + rows].reshape(bias.shape)
+        i += rows
+        r.bias[...] = bias + gamma * jnp.sign(load.mean(-1, keepdims=True) - load)
 
 
 def max_violation(loads: jax.Array) -> jax.Array:
     """MaxVio per layer: loads [l, e] -> [l]."""
     mean = loads.mean(-1)
     return jnp.where(mean > 0, loads.max(-1) / jnp.maximum(mean, 1e-9) - 1.0, 0.0)
-
-
-__all__ = ["sequence_balance_loss", "update_router_biases", "expert_loads", "max_violation", "routers", "ExpertLoad"]

@@ -13,11 +13,14 @@ from typing import Any, Mapping, Optional
 from model.attention import IMPLS as ATTENTION_IMPLS
 
 _SCORE_FNS = ("sigmoid", "softmax")
+_GROUP_SCORES = ("top2_sum", "max")
+_KERNEL_IMPLS = ("auto", "scan", "ragged_dot", "pallas")  # kernels_pallas/backend.py
 # Each policy is implemented in ``model/transformer.py`` and tested against "none" (gradients).
 _REMAT = ("none", "full", "dots", "dots_no_batch")
 _DTYPES = ("float32", "bfloat16", "float16")
 # Fields that change how the model runs, not what it is (``ModelConfig.identity`` leaves them out).
-EXECUTION_FIELDS = ("kernels_impl", "remat", "moe_block_rows", "dtype", "max_seq_len", "attention_impl")
+EXECUTION_FIELDS = ("kernels_impl", "remat", "moe_block_rows", "dtype", "max_seq_len", "attention_impl",
+                    "capacity_factor")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,10 +70,15 @@ class ModelConfig:
     score_fn: str = "sigmoid"  # s_{i,t} = sigmoid(u^T e_i) in V3; softmax in V2 (scoring_func)
     n_group: int = 4  # expert groups for group-limited routing (n_group); 1 = plain top-k
     topk_group: int = 2  # groups each token may use (topk_group)
+    # how a group is scored: "top2_sum" of its biased scores (V3, HF topk_method "noaux_tc") or its
+    # "max" score (V2, HF "group_limited_greedy")
+    group_score: str = "top2_sum"
     norm_topk_prob: bool = True  # normalise gates over the chosen k (eq. 13)
     routed_scaling_factor: float = 2.5
     use_aux_free_bias: bool = True  # selection bias b_i (e_score_correction_bias), Sec. 2.1.2
-    capacity_factor: Optional[float] = None  # None = dropless; else C * T * K / N_r rows per expert
+    # training only (``train=True`` calls): None = dropless; else ceil(C * T * K / N_r) rows per expert
+    # on each device. Evaluation and generation are always dropless.
+    capacity_factor: Optional[float] = None
     moe_block_rows: int = 64  # rows per tile of the grouped expert matmul (XLA path)
 
     # --- MTP (V3 report Sec. 2.2) ---
@@ -86,7 +94,7 @@ class ModelConfig:
     dtype: str = "float32"
     scan_layers: bool = False  # nnx.scan over the homogeneous MoE blocks
     remat: str = "none"  # rematerialisation policy of each block, one of _REMAT
-    kernels_impl: str = "xla"  # grouped matmul backend: "xla" | "pallas" | "auto"
+    kernels_impl: str = "auto"  # grouped matmul + router backend, one of _KERNEL_IMPLS
     attention_impl: str = "auto"  # attention backend, model/attention.py: auto|naive|xla|splash|cudnn
 
     def __post_init__(self):
@@ -112,9 +120,10 @@ class ModelConfig:
              f"n_group={self.n_group} must divide n_routed_experts={self.n_routed_experts}")
         need(self.topk_group <= self.n_group, f"topk_group={self.topk_group} exceeds n_group={self.n_group}")
         per_group = self.n_routed_experts // self.n_group
+        need(self.group_score in _GROUP_SCORES, f"group_score must be one of {_GROUP_SCORES}, got {self.group_score!r}")
         if self.n_group > 1:
-            need(per_group >= 2, "group-limited routing scores a group by its top-2 experts: "
-                 f"need >= 2 experts per group, got {per_group}")
+            need(per_group >= 2 or self.group_score == "max", "group_score='top2_sum' scores a group by its "
+                 f"top-2 experts: need >= 2 experts per group, got {per_group}")
             need(self.topk_group * per_group >= self.n_experts_per_tok,
                  f"topk_group={self.topk_group} groups of {per_group} experts cannot hold "
                  f"n_experts_per_tok={self.n_experts_per_tok}")
@@ -129,8 +138,8 @@ class ModelConfig:
             import jax  # here only: the dataclass is plain Python otherwise
 
             object.__setattr__(self, "dtype", "float32" if jax.default_backend() == "cpu" else "bfloat16")
-        need(self.kernels_impl in ("xla", "pallas", "auto"),
-             f"kernels_impl must be xla|pallas|auto, got {self.kernels_impl!r}")
+        need(self.kernels_impl in _KERNEL_IMPLS,
+             f"kernels_impl must be one of {_KERNEL_IMPLS}, got {self.kernels_impl!r}")
         need(self.attention_impl in ATTENTION_IMPLS,
              f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
         if isinstance(self.yarn, Mapping):  # allow a plain dict from a config file

@@ -1,17 +1,20 @@
-"""Grouped matmul: the activated-FLOPs expert computation (portable XLA path).
+"""Grouped matmul: the activated-FLOPs expert computation, one entry point for every backend.
 
-``gmm(lhs [m, k], rhs [g, k, n], group_sizes [g]) -> [m, n]``: rows of ``lhs`` are sorted by
-group; group ``i`` owns rows ``offsets[i] : offsets[i] + group_sizes[i]`` and multiplies them by
+``gmm(lhs [m, k], rhs [g, k, n], group_sizes [g], impl=...) -> [m, n]``: rows of ``lhs`` are sorted
+by group; group ``i`` owns rows ``offsets[i] : offsets[i] + group_sizes[i]`` and multiplies them by
 ``rhs[i]``. Rows past ``sum(group_sizes)`` are padding and give zeros.
 
-Why not ``jax.lax.ragged_dot``: XLA:CPU lowers it to a dense product over all groups (cost x g).
-Here we scan over (row tile, group) work items, megablox-style: a tile of ``tile`` rows is visited
-once for each group that owns some of its rows, so the number of visits is at most
-``ceil(m / tile) + g - 1`` and the cost is about ``(m + g * tile) * k * n`` instead of ``g * m * k * n``.
-Unused visits (empty groups, padding) are skipped with ``lax.cond``. On GPU/TPU, where
-``ragged_dot`` is a real grouped kernel, ``gmm`` uses it (see ``impl``). The backward is a
-``custom_vjp``: d_lhs = gmm(d_out, rhs^T) and d_rhs = tgmm(lhs, d_out) (per-group lhs^T d_out),
-both on the same work items. Dense reference: ``model/moe_reference.py`` and the tests.
+``impl`` (``kernels_pallas/backend.py``, resolved there): "pallas" (``kernels_pallas/gmm``),
+"ragged_dot" (``jax.lax.ragged_dot``: a real grouped kernel on GPU/TPU, but XLA:CPU lowers it to a
+dense product over all groups, cost x g), "scan" (below), "auto".
+
+"scan": megablox's work list (``kernels_pallas.gmm.kernel.make_group_metadata``, the same function
+the Pallas kernel walks) as a ``lax.scan`` over (row tile, group) items: a tile of ``tile`` rows is
+visited once for each group that owns some of its rows, at most ``ceil(m / tile) + g`` visits, cost
+about ``(m + g * tile) * k * n`` instead of ``g * m * k * n``. Unused items (past the list, the
+padding group) are skipped with ``lax.cond``. Backward (``custom_vjp``): d_lhs = gmm(d_out, rhs^T)
+and d_rhs = per-group lhs^T d_out on the same work list. Dense reference:
+``kernels_pallas/gmm/reference.py``.
 """
 
 import functools
@@ -19,71 +22,56 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from kernels_pallas import backend
+from kernels_pallas.gmm import ops as pallas_gmm
+from kernels_pallas.gmm.kernel import make_group_metadata
 
-def _work_items(group_sizes: jax.Array, m: int, tile: int):
-    """Static-length list of (group, tile) visits. Returns group_id, tile_id, valid [w], starts, ends [g]."""
+
+def _work_list(group_sizes, m: int, tile: int):
+    """(offsets [g+2], group_ids [w], tile_ids [w], valid [w]) for rows padded to a multiple of tile."""
     g = group_sizes.shape[0]
-    n_tiles = -(-m // tile)
-    n_items = n_tiles + g - 1
-    ends = jnp.cumsum(group_sizes)  # [g]
-    starts = ends - group_sizes
-    nonempty = group_sizes > 0
-    first = starts // tile
-    last = jnp.where(nonempty, (ends - 1) // tile, first - 1)
-    visits = jnp.where(nonempty, last - first + 1, 0)  # tiles each group touches
-    item_end = jnp.cumsum(visits)  # [g] one past the last item of each group
-    item_start = item_end - visits
-    idx = jnp.arange(n_items)
-    # Item i belongs to the first group whose items end after i (empty groups end where they start).
-    group_id = jnp.clip(jnp.searchsorted(item_end, idx, side="right"), 0, g - 1)
-    tile_id = first[group_id] + (idx - item_start[group_id])
-    valid = idx < item_end[-1]
-    tile_id = jnp.where(valid, jnp.clip(tile_id, 0, n_tiles - 1), 0)
-    return group_id.astype(jnp.int32), tile_id.astype(jnp.int32), valid, starts, ends
+    offsets, gid, tid, num = make_group_metadata(group_sizes, m, tile, visit_empty=False)
+    valid = (jnp.arange(gid.shape[0]) < num[0]) & (gid < g)  # real items of real groups
+    return offsets, gid, tid, valid
 
 
-def _row_mask(tile_idx, g, starts, ends, tile, valid):
-    rows = tile_idx * tile + jnp.arange(tile)  # [tile]
-    return (rows >= starts[g]) & (rows < ends[g]) & valid
+def _rows_of(offsets, g, t, tile):
+    rows = t * tile + jnp.arange(tile)  # [tile]
+    return (rows >= offsets[g]) & (rows < offsets[g + 1])
 
 
 def _gmm_scan(lhs, rhs, group_sizes, tile, transpose_rhs, out_dtype):
-    m, k = lhs.shape
+    m = lhs.shape[0]
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-    n_tiles = -(-m // tile)
-    pad = n_tiles * tile - m
-    lhs_p = jnp.pad(lhs, ((0, pad), (0, 0)))
-    gid, tid, valid, starts, ends = _work_items(group_sizes, m, tile)
+    mp = -(-m // tile) * tile
+    lhs_p = jnp.pad(lhs, ((0, mp - m), (0, 0)))
+    offsets, gid, tid, valid = _work_list(group_sizes, mp, tile)
 
     def body(out, item):
         g, t, ok = item
 
         def visit(out):
             x = jax.lax.dynamic_slice_in_dim(lhs_p, t * tile, tile, 0)  # [tile, k]
-            w = rhs[g]  # [k, n] or [n, k]
-            y = jnp.einsum("mk,nk->mn" if transpose_rhs else "mk,kn->mn", x, w,
+            y = jnp.einsum("mk,nk->mn" if transpose_rhs else "mk,kn->mn", x, rhs[g],
                            preferred_element_type=jnp.float32)  # [tile, n]
-            y = jnp.where(_row_mask(t, g, starts, ends, tile, ok)[:, None], y, 0.0)
+            y = jnp.where(_rows_of(offsets, g, t, tile)[:, None], y, 0.0)
             cur = jax.lax.dynamic_slice_in_dim(out, t * tile, tile, 0)
             return jax.lax.dynamic_update_slice_in_dim(out, cur + y, t * tile, 0)
 
         return jax.lax.cond(ok, visit, lambda o: o, out), None
 
-    out0 = jnp.zeros((n_tiles * tile, n), jnp.float32)
-    out, _ = jax.lax.scan(body, out0, (gid, tid, valid))
+    out, _ = jax.lax.scan(body, jnp.zeros((mp, n), jnp.float32), (gid, tid, valid))
     return out[:m].astype(out_dtype)
 
 
 def _tgmm_scan(lhs, grad, group_sizes, tile, out_dtype):
-    """Per-group lhs^T @ grad: [m, k], [m, n] -> [g, k, n]."""
+    """Per-group lhs^T @ grad: [m, k], [m, n] -> [g, k, n] (zeros for empty groups)."""
     m, k = lhs.shape
     n = grad.shape[1]
-    g_count = group_sizes.shape[0]
-    n_tiles = -(-m // tile)
-    pad = n_tiles * tile - m
-    lhs_p = jnp.pad(lhs, ((0, pad), (0, 0)))
-    grad_p = jnp.pad(grad, ((0, pad), (0, 0)))
-    gid, tid, valid, starts, ends = _work_items(group_sizes, m, tile)
+    mp = -(-m // tile) * tile
+    lhs_p = jnp.pad(lhs, ((0, mp - m), (0, 0)))
+    grad_p = jnp.pad(grad, ((0, mp - m), (0, 0)))
+    offsets, gid, tid, valid = _work_list(group_sizes, mp, tile)
 
     def body(acc, item):
         g, t, ok = item
@@ -91,18 +79,13 @@ def _tgmm_scan(lhs, grad, group_sizes, tile, out_dtype):
         def visit(acc):
             x = jax.lax.dynamic_slice_in_dim(lhs_p, t * tile, tile, 0)  # [tile, k]
             dy = jax.lax.dynamic_slice_in_dim(grad_p, t * tile, tile, 0)  # [tile, n]
-            dy = jnp.where(_row_mask(t, g, starts, ends, tile, ok)[:, None], dy, 0)
-            dw = jnp.einsum("mk,mn->kn", x, dy, preferred_element_type=jnp.float32)  # [k, n]
-            return acc.at[g].add(dw)
+            dy = jnp.where(_rows_of(offsets, g, t, tile)[:, None], dy, 0)
+            return acc.at[g].add(jnp.einsum("mk,mn->kn", x, dy, preferred_element_type=jnp.float32))
 
         return jax.lax.cond(ok, visit, lambda a: a, acc), None
 
-    acc, _ = jax.lax.scan(body, jnp.zeros((g_count, k, n), jnp.float32), (gid, tid, valid))
+    acc, _ = jax.lax.scan(body, jnp.zeros((group_sizes.shape[0], k, n), jnp.float32), (gid, tid, valid))
     return acc.astype(out_dtype)
-
-
-def _use_ragged_dot() -> bool:
-    return jax.default_backend() in ("gpu", "tpu")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -124,18 +107,14 @@ def _gmm_bwd(tile, res, d_out):
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 
-def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, tile: int = 64,
-        impl: str = "auto") -> jax.Array:
-    """Grouped matmul [m, k] x [g, k, n] -> [m, n]; see the module docstring.
-
-    impl: "scan" (tiled scan, any backend), "ragged_dot" (XLA's grouped op; dense on CPU), or
-    "auto" (ragged_dot on GPU/TPU, scan on CPU).
-    """
-    if impl == "auto":
-        impl = "ragged_dot" if _use_ragged_dot() else "scan"
+def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, impl: str = "auto",
+        tile: int = 64) -> jax.Array:
+    """Grouped matmul [m, k] x [g, k, n] -> [m, n] in lhs.dtype (f32 accumulation); see the module
+    docstring. ``tile``: rows per work item of the "scan" backend."""
     group_sizes = group_sizes.astype(jnp.int32)
+    impl = backend.resolve(impl)
+    if impl == "pallas":
+        return pallas_gmm.gmm(lhs, rhs, group_sizes)
     if impl == "ragged_dot":
-        return jax.lax.ragged_dot(lhs, rhs, group_sizes)
-    if impl != "scan":
-        raise ValueError(f"gmm impl must be auto|scan|ragged_dot, got {impl!r}")
+        return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=jnp.float32).astype(lhs.dtype)
     return _gmm(lhs, rhs, group_sizes, tile)

@@ -285,7 +285,7 @@ def from_pretrained(path: str, *, dtype: Optional[str] = None, **overrides) -> T
             logging.warning("%s: %s differs from %s; the MTP module shares the main model's, using that.",
                             file, key, copies[key])
     for p, var in flat.items():
-        if p not in done:  # not in the checkpoint: ExpertLoad, and RouterBias when unused
+        if p not in done:  # not in the checkpoint: RouterBias when unused
             done[p] = jnp.zeros(var.shape, var.dtype)
         var.set_value(done[p])
     return nnx.merge(graphdef, nnx.from_flat_state(flat))

@@ -1,8 +1,7 @@
 """Hugging Face ``config.json`` <-> ``ModelConfig`` (a rename; see ``model/config.py``).
 
-Anything we cannot represent exactly (an unknown architecture or field, ``group_limited_greedy``
-routing, yarn ``truncate: false``, an ``rms_norm_eps`` other than 1e-6, ...) is an error naming the
-field. Weights: ``model/hf.py``.
+Anything we cannot represent exactly (an unknown architecture or field, yarn ``truncate: false``,
+an ``rms_norm_eps`` other than 1e-6, ...) is an error naming the field. Weights: ``model/hf.py``.
 """
 
 from __future__ import annotations
@@ -108,12 +107,16 @@ def config_from_hf(hf: dict, *, dtype: Optional[str] = None, mtp_depth: Optional
         _need(g("scoring_func", "sigmoid") == "sigmoid", "scoring_func", g("scoring_func"), "V3 routes with sigmoid")
         _need(g("topk_method", "noaux_tc") == "noaux_tc", "topk_method", g("topk_method"), "V3 uses noaux_tc")
         score_fn, bias, n_group, topk_group = "sigmoid", True, g("n_group") or 1, g("topk_group") or 1
+        group_score = "top2_sum"
         interleave = bool(g("rope_interleave", True))
-    else:  # transformers' V2 router: softmax, greedy top-k
+    else:  # transformers' V2 router: softmax, greedy top-k or group_limited_greedy (groups scored by max)
         _need(g("scoring_func", "softmax") == "softmax", "scoring_func", g("scoring_func"), "V2 routes with softmax")
-        _need(g("topk_method", "greedy") == "greedy", "topk_method", g("topk_method"),
-              "only 'greedy' (V2's group_limited_greedy scores groups by their max, ours by a top-2 sum)")
-        score_fn, bias, n_group, topk_group = "softmax", False, 1, 1
+        method = g("topk_method", "greedy")
+        _need(method in ("greedy", "group_limited_greedy"), "topk_method", method,
+              "V2 routes with 'greedy' or 'group_limited_greedy'")
+        limited = method == "group_limited_greedy"
+        score_fn, bias, group_score = "softmax", False, "max"
+        n_group, topk_group = (g("n_group") or 1, g("topk_group") or 1) if limited else (1, 1)
         interleave = True  # V2's complex-number RoPE rotates adjacent pairs
     rope = dict(g("rope_parameters") or g("rope_scaling") or {})
     theta = rope.get("rope_theta", g("rope_theta", 10000.0))
@@ -126,7 +129,8 @@ def config_from_hf(hf: dict, *, dtype: Optional[str] = None, mtp_depth: Optional
         rope_interleave=interleave, yarn=_yarn_from_hf(rope, g("max_position_embeddings")),
         n_routed_experts=g("n_routed_experts"), n_shared_experts=g("n_shared_experts") or 0,
         n_experts_per_tok=g("num_experts_per_tok"), moe_ffn_dim=g("moe_intermediate_size"), score_fn=score_fn,
-        n_group=n_group, topk_group=topk_group, norm_topk_prob=bool(g("norm_topk_prob", False)),
+        n_group=n_group, topk_group=topk_group, group_score=group_score,
+        norm_topk_prob=bool(g("norm_topk_prob", False)),
         routed_scaling_factor=float(g("routed_scaling_factor", 1.0)), use_aux_free_bias=bias,
         mtp_depth=g("num_nextn_predict_layers", 0) if mtp_depth is None else mtp_depth,
     )
@@ -142,11 +146,17 @@ def config_from_hf(hf: dict, *, dtype: Optional[str] = None, mtp_depth: Optional
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
-    """ModelConfig -> config.json for transformers' DeepseekV3ForCausalLM (sigmoid router) or
-    DeepseekV2ForCausalLM (softmax router, greedy top-k)."""
+    """ModelConfig -> config.json for transformers' DeepseekV3ForCausalLM (sigmoid router, groups
+    scored by a top-2 sum) or DeepseekV2ForCausalLM (softmax router, greedy top-k, or groups scored
+    by their max: group_limited_greedy)."""
     v3 = cfg.score_fn == "sigmoid"
+    limited = cfg.n_group > 1
+    want = "top2_sum" if v3 else "max"
+    if limited and cfg.group_score != want:
+        raise ValueError(f"ModelConfig.group_score={cfg.group_score!r} with score_fn={cfg.score_fn!r} has no "
+                         f"transformers equivalent (DeepseekV{3 if v3 else 2} scores groups by {want!r})")
     if not v3:
-        for field, ok in (("n_group", cfg.n_group == 1), ("norm_topk_prob", not cfg.norm_topk_prob),
+        for field, ok in (("norm_topk_prob", not cfg.norm_topk_prob),
                           ("use_aux_free_bias", not cfg.use_aux_free_bias), ("rope_interleave", cfg.rope_interleave)):
             if not ok:
                 raise ValueError(f"ModelConfig.{field}={getattr(cfg, field)!r} has no transformers "
@@ -166,7 +176,8 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         "num_experts_per_tok": cfg.n_experts_per_tok, "moe_intermediate_size": cfg.moe_ffn_dim,
         "n_group": cfg.n_group, "topk_group": cfg.topk_group, "norm_topk_prob": cfg.norm_topk_prob,
         "routed_scaling_factor": cfg.routed_scaling_factor, "num_nextn_predict_layers": cfg.mtp_depth,
-        "scoring_func": cfg.score_fn, "topk_method": "noaux_tc" if v3 else "greedy", "hidden_act": "silu",
+        "scoring_func": cfg.score_fn, "hidden_act": "silu",
+        "topk_method": "noaux_tc" if v3 else "group_limited_greedy" if limited else "greedy",
         "attention_bias": False, "tie_word_embeddings": False, "torch_dtype": cfg.param_dtype,
     }
     if v3:

@@ -1,40 +1,27 @@
-"""Routed experts on a device mesh: expert parallelism with ``jax.shard_map`` + all-to-all.
+"""Expert parallelism: the ``jax.shard_map`` and the all-to-all transport of ``model/moe.py``.
 
-``model/moe.py`` calls ``routed_experts`` when a mesh of more than one device is in context
-(``jax.set_mesh``, as ``train/sharding.MeshJit`` does); the single-device path never comes here.
-Routing (and so the router's per-expert ``load``, a global-batch count) happens before, on global
-arrays; this file only moves tokens to their experts and back. Inside ``shard_map`` every device
-holds m_l = m / (data * fsdp * expert) tokens and E_l = E / expert experts, the FFN hidden width
-f split over ``tensor`` (mesh axis names: ``train/sharding.py``). With n = mesh ``expert`` size:
+``ExpertParallel`` says which mesh and which mesh axes: ``train/sharding.expert_parallel(mesh)``
+builds it from the one rules table (``train/sharding.RULES``: "batch", "expert", "expert_mlp"), so
+this file names no mesh axis. ``shard`` runs the MoE layer's routed part (router, dispatch, experts,
+combine: ``model/moe.py``) on each device's own tokens: rows of the batch split over ``batch``,
+experts over ``expert`` (n devices, E_l = E / n experts each), their hidden width f over ``mlp``.
+Inside, ``exchange`` is the all-to-all over ``expert`` that sends each destination its block of the
+dispatch buffer (``model/dispatch.py``) and brings the results back; ``psum_batch`` sums the
+statistics (expert loads, drops, balance-loss terms) over the batch axes, so they are global.
 
-  1. sort the m_l * k local (token, slot) assignments by expert; expert i lives on device i // E_l
-  2. pack them into a fixed buffer [n, C, d] (C rows per destination device; rows past C are
-     dropped and counted); all_to_all over ``expert`` -> [n, C, d] rows from every source, each
-     with its local expert id
-  3. sort the received rows by local expert; grouped SwiGLU (``model.grouped_matmul.gmm``, cost of
-     the rows actually received); psum the partial sums over ``tensor``
-  4. reverse all_to_all, un-permute, mix the k slots with the gates
-
-C: with ``capacity_factor = cf``, C = ceil(cf * m_l * k / n) (overflow is dropped per destination,
-so drops differ from the single-device per-expert capacity); dropless (``capacity_factor=None``),
-C = m_l * min(k, E_l), the worst case (every token sends all its slots that can share one device
-to the same one), so nothing is ever dropped. Buffers are n times larger than the average;
-``jax.lax.ragged_all_to_all`` (TPU/GPU) would send only the real rows, but XLA:CPU lacks it, so
-this portable path is the one implemented and tested. With n = 1 (only data/fsdp/tensor axes)
-there is no all-to-all: each device dispatches its own tokens to all experts (``dispatch_order``,
-per-device capacity).
+The buffer has a fixed number of rows per destination (``dispatch.buffer_rows``: n times the
+average when dropless). ``jax.lax.ragged_all_to_all`` (TPU/GPU) would send only the real rows, but
+XLA:CPU lacks it, so this portable path is the one implemented and tested.
 """
 
+import dataclasses
 import math
 
 import jax
-import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 
 from model.config import ModelConfig
-
-_BATCH = ("data", "fsdp", "expert")  # train/sharding.BATCH_AXES; the model imports nothing from train/
-_MESH_AXES = _BATCH + ("tensor",)
+from model.dispatch import buffer_rows, expert_capacity
 
 try:
     _shard_map = jax.shard_map
@@ -45,89 +32,51 @@ except AttributeError:  # jax < 0.7: only the experimental entry point
         return _old_shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=check_vma)
 
 
-def context_mesh():
-    """The mesh in context if it is a training mesh of more than one device, else None."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1 or not set(_MESH_AXES) <= set(mesh.axis_names):
-        return None
-    return mesh
+@dataclasses.dataclass(frozen=True)
+class ExpertParallel:
+    """A mesh and the mesh axes of the MoE layer's logical axes (from ``train/sharding.RULES``)."""
+
+    mesh: Mesh
+    batch: tuple[str, ...]  # rows of the batch (tokens)
+    expert: tuple[str, ...]  # routed experts
+    mlp: tuple[str, ...]  # each expert's hidden width f
+
+    @property
+    def n(self) -> int:
+        """Destinations of the all-to-all: the devices the experts are split over."""
+        sizes = dict(zip(self.mesh.axis_names, self.mesh.axis_sizes))
+        return math.prod(sizes[a] for a in self.expert)
 
 
 def send_capacity(cfg: ModelConfig, m_local: int, n: int) -> int:
-    """Rows per destination device in the send buffer (see the module docstring)."""
-    k, e_local = cfg.n_experts_per_tok, cfg.n_routed_experts // n
-    if cfg.capacity_factor is None:
-        return m_local * min(k, e_local)
-    return max(1, int(math.ceil(cfg.capacity_factor * m_local * k / n)))
+    """Rows per destination of the training-time send buffer for m_local tokens on a device."""
+    k, e = cfg.n_experts_per_tok, cfg.n_routed_experts
+    return buffer_rows(m_local, k, e, n, expert_capacity(cfg.capacity_factor, m_local, k, e))
 
 
-def _pack(ids, valid, n_experts: int, n: int, cap: int):
-    """Sort assignments and give each a row of the [n * cap] send buffer.
-
-    ids [m, k], valid [m] -> order [m*k] (sorted position -> flat assignment), slot [m*k] (buffer
-    row of each sorted assignment; n*cap = not sent), local expert id [m*k], dropped (scalar).
-    """
-    mk, e_local = ids.size, n_experts // n
-    valid_a = jnp.broadcast_to(valid[:, None], ids.shape).reshape(mk)
-    key = jnp.where(valid_a, ids.reshape(mk), n_experts)  # sentinel E sorts last
-    order = jnp.argsort(key, stable=True)
-    skey = key[order]
-    dest = skey // e_local  # n for the sentinel
-    counts = jnp.zeros((n + 1,), jnp.int32).at[dest].add(1)[:n]  # [n]
-    starts = jnp.cumsum(counts) - counts
-    rank = jnp.arange(mk) - starts[jnp.minimum(dest, n - 1)]  # position inside its destination
-    real = skey < n_experts
-    keep = real & (rank < cap)
-    slot = jnp.where(keep, dest * cap + rank, n * cap)
-    return order, slot, skey % e_local, jnp.sum(real & ~keep).astype(jnp.int32)
+def exchange(x: jax.Array, ep: ExpertParallel) -> jax.Array:
+    """All-to-all over the expert axes: x [n * rows, ...] (block j for destination j) -> [n * rows, ...]
+    (block j from source j). Its own inverse."""
+    return jax.lax.all_to_all(x, ep.expert, 0, 0, tiled=True)
 
 
-def _local_experts(cfg: ModelConfig, x, local_ids, e_local: int, weights):
-    """Grouped SwiGLU of rows x [r, d] with local expert ids [r] (e_local = empty row)."""
-    from model.moe import expert_swiglu  # moe.py imports this file
-    order = jnp.argsort(local_ids, stable=True)
-    sizes = jnp.zeros((e_local + 1,), jnp.int32).at[local_ids].add(1)[:e_local]  # [E_l]
-    y_sorted = expert_swiglu(cfg, x[order], sizes, *weights)  # [r, d]
-    return jnp.zeros_like(y_sorted).at[order].set(y_sorted, unique_indices=True)
+def psum_batch(x, ep: ExpertParallel):
+    return jax.lax.psum(x, ep.batch)
 
 
-def _routed_local(cfg: ModelConfig, n: int, x, ids, gates, valid, w_gate, w_up, w_down):
-    """Per-device body of ``routed_experts`` (arguments are this device's shards)."""
-    from model.moe import dispatch_order, expert_capacity, expert_swiglu
-    m, d = x.shape
-    k = cfg.n_experts_per_tok
-    weights = (w_gate, w_up, w_down)
-    if n == 1:  # every expert is local: the single-device dispatch on this device's tokens
-        order, sizes, dropped = dispatch_order(ids, valid, cfg.n_routed_experts, expert_capacity(cfg, m))
-        y_sorted = expert_swiglu(cfg, x[order // k], sizes, *weights)  # [mk, d]
-    else:
-        cap = send_capacity(cfg, m, n)
-        e_local = cfg.n_routed_experts // n
-        order, slot, local_id, dropped = _pack(ids, valid, cfg.n_routed_experts, n, cap)
-        send_x = jnp.zeros((n * cap + 1, d), x.dtype).at[slot].set(x[order // k])[:-1]  # [n*cap, d]
-        send_e = jnp.full((n * cap + 1,), e_local, jnp.int32).at[slot].set(local_id)[:-1]
-        recv_x = jax.lax.all_to_all(send_x.reshape(n, cap, d), "expert", 0, 0, tiled=True)
-        recv_e = jax.lax.all_to_all(send_e.reshape(n, cap), "expert", 0, 0, tiled=True)
-        y_recv = _local_experts(cfg, recv_x.reshape(n * cap, d), recv_e.reshape(n * cap), e_local, weights)
-        y_recv = jax.lax.psum(y_recv, "tensor")  # sum over the f shards
-        back = jax.lax.all_to_all(y_recv.reshape(n, cap, d), "expert", 0, 0, tiled=True)  # my send rows
-        back = jnp.concatenate([back.reshape(n * cap, d), jnp.zeros((1, d), back.dtype)])
-        y_sorted = back[slot]  # [mk, d] in sorted order; unsent rows read the zero row
-    if n == 1:
-        y_sorted = jax.lax.psum(y_sorted, "tensor")
-    y = jnp.zeros_like(y_sorted).at[order].set(y_sorted, unique_indices=True).reshape(m, k, d)
-    out = jnp.einsum("mkd,mk->md", y.astype(jnp.float32), gates)  # [m, d] f32
-    return out, jax.lax.psum(dropped, _BATCH)
+def psum_mlp(x, ep: ExpertParallel):
+    """Sum of the partial products of the f shards."""
+    return jax.lax.psum(x, ep.mlp)
 
 
-def routed_experts(cfg: ModelConfig, mesh, x, ids, gates, valid, w_gate, w_up, w_down):
-    """Routed-expert output on ``mesh``: x [m, d], ids/gates [m, k], valid [m] (global arrays)
-    -> (out [m, d] f32, dropped: global count of valid assignments that were not computed)."""
-    n = dict(zip(mesh.axis_names, mesh.axis_sizes))["expert"]
-    rows = P(_BATCH)
-    w_in, w_out = P("expert", None, "tensor"), P("expert", "tensor", None)
-    # check_vma=False: the grouped matmul's scan carries start as (mesh-invariant) zeros, which the
+def shard(fn, ep: ExpertParallel, x, valid, w_router, bias, w_gate, w_up, w_down):
+    """``fn(x, valid, w_router, bias, w_gate, w_up, w_down) -> (y, aux)`` on each device's shards:
+    x [b, t, d] and valid [b, t] split over the batch axes, the router replicated, expert weights
+    [e, d, f] / [e, f, d] split over expert and f. ``y`` comes back split like x; ``aux`` (already
+    summed over devices by ``fn``) replicated."""
+    rows, rep = P(ep.batch), P()
+    w_in, w_out = P(ep.expert, None, ep.mlp), P(ep.expert, ep.mlp, None)
+    # check_vma=False: the grouped matmul's scan carries (mesh-invariant) zeros, which the
     # varying-manual-axes type check rejects; gradients are the same either way.
-    fn = _shard_map(lambda *a: _routed_local(cfg, n, *a), mesh=mesh, check_vma=False,
-                    in_specs=(rows, rows, rows, rows, w_in, w_in, w_out), out_specs=(rows, P()))
-    return fn(x, ids, gates, valid, w_gate, w_up, w_down)
+    return _shard_map(fn, mesh=ep.mesh, check_vma=False, in_specs=(rows, rows, rep, rep, w_in, w_in, w_out),
+                      out_specs=(rows, rep))(x, valid, w_router, bias, w_gate, w_up, w_down)

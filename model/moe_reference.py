@@ -5,13 +5,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from model.dispatch import expert_capacity
 from model.router import route
 
 
-def dense_moe_reference(moe, x: jax.Array, segment_ids: jax.Array) -> tuple[jax.Array, int]:
-    """Same inputs as ``MoE.__call__``; returns (y [b, t, d], dropped count).
+def dense_moe_reference(moe, x: jax.Array, segment_ids: jax.Array, *, train: bool = False) -> tuple[jax.Array, int]:
+    """Same inputs as ``MoE.__call__`` on one device; returns (y [b, t, d], dropped count).
 
-    Capacity (when set) is applied by walking the assignments in token order, slot order.
+    With ``train`` and a capacity factor, capacity is applied by walking the assignments in token
+    order, slot order.
     """
     cfg = moe.cfg
     b, t, d = x.shape
@@ -19,11 +21,10 @@ def dense_moe_reference(moe, x: jax.Array, segment_ids: jax.Array) -> tuple[jax.
     xt = x.reshape(m, d).astype(jnp.float32)
     valid = np.asarray(segment_ids.reshape(m) != 0)
     logits = xt @ moe.router.weight[...]
-    r = route(logits, moe.router.bias[...], cfg)
+    r = route(logits, moe.router.bias[...], cfg.replace(kernels_impl="scan"))
     ids = np.asarray(r.ids)
     keep = np.zeros(ids.shape, bool)
-    from model.moe import expert_capacity
-    cap = expert_capacity(cfg, m)
+    cap = expert_capacity(cfg.capacity_factor if train else None, m, cfg.n_experts_per_tok, e)
     used = np.zeros(e, int)
     for tok in range(m):
         for slot in range(ids.shape[1]):

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model.block import Block, zero_aux
+from model.block import Block, add_aux, zero_aux
 from model.config import ModelConfig
 from model.mtp import MTPModule, shift_left
 from model.norms import RMSNorm
@@ -29,17 +29,15 @@ class ModelOutput(NamedTuple):
     logits: jax.Array  # [b, t, V] f32, predicts targets[:, i] = t_{i+1}
     mtp_logits: Optional[jax.Array]  # [D, b, t, V] f32, depth k predicts t_{i+k+1}; None if D = 0
     hidden: jax.Array  # [b, t, d] final-normed hidden state
-    aux: dict  # balance_loss (sum over MoE layers, unweighted), dropped (count)
+    # balance_loss (sum over MoE layers, unweighted), dropped (count), expert_load [MoE layers (+ MTP), e]
+    # (assignments per expert in the global batch, rows in ``model.balance.routers`` order)
+    aux: dict
 
 
-def _add_aux(a: dict, b: dict) -> dict:
-    return {k: a[k] + b[k] for k in a}
-
-
-def _call_block(block: Block, x, positions, segment_ids, remat: str):
+def _call_block(block: Block, x, positions, segment_ids, remat: str, train: bool, ep):
     if remat == "none":
-        return block(x, positions, segment_ids)
-    fn = nnx.remat(lambda blk, x, p, s: blk(x, p, s), policy=_POLICIES[remat])
+        return block(x, positions, segment_ids, train=train, ep=ep)
+    fn = nnx.remat(lambda blk, x, p, s: blk(x, p, s, train=train, ep=ep), policy=_POLICIES[remat])
     return fn(block, x, positions, segment_ids)
 
 
@@ -70,41 +68,47 @@ class Transformer(nnx.Module):
         return jnp.einsum("btd,dv->btv", h_normed.astype(dt), self.head[...].astype(dt),
                           preferred_element_type=jnp.float32)
 
-    def run_blocks(self, x, positions, segment_ids):
+    def run_blocks(self, x, positions, segment_ids, train: bool = False, ep=None):
         """Main-model blocks: x [b, t, d] -> (x, aux)."""
         cfg = self.cfg
-        aux = zero_aux()
+        aux = zero_aux(cfg.n_routed_experts)
         for blk in self.dense_blocks:
-            x, a = _call_block(blk, x, positions, segment_ids, cfg.remat)
-            aux = _add_aux(aux, a)
+            x, a = _call_block(blk, x, positions, segment_ids, cfg.remat, train, ep)
+            aux = add_aux(aux, a)
         if cfg.scan_layers and isinstance(self.moe_blocks, Block):
             @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
             def body(x, blk):
-                return _call_block(blk, x, positions, segment_ids, cfg.remat)
+                return _call_block(blk, x, positions, segment_ids, cfg.remat, train, ep)
             x, stacked = body(x, self.moe_blocks)
-            aux = _add_aux(aux, jax.tree.map(lambda a: a.sum(0), stacked))
+            stacked["expert_load"] = stacked["expert_load"].reshape(-1, cfg.n_routed_experts)  # [l, e]
+            aux = add_aux(aux, {k: v if k == "expert_load" else v.sum(0) for k, v in stacked.items()})
         else:
             for blk in self.moe_blocks:
-                x, a = _call_block(blk, x, positions, segment_ids, cfg.remat)
-                aux = _add_aux(aux, a)
+                x, a = _call_block(blk, x, positions, segment_ids, cfg.remat, train, ep)
+                aux = add_aux(aux, a)
         return x, aux
 
     def __call__(self, inputs: jax.Array, positions: Optional[jax.Array] = None,
-                 segment_ids: Optional[jax.Array] = None) -> ModelOutput:
-        """inputs [b, t] int token ids; positions, segment_ids [b, t] (default: one unpacked sequence)."""
+                 segment_ids: Optional[jax.Array] = None, *, train: bool = False, ep=None) -> ModelOutput:
+        """inputs [b, t] int token ids; positions, segment_ids [b, t] (default: one unpacked sequence).
+
+        ``train=True``: training-time execution choices (the MoE capacity factor); evaluation and
+        generation leave it False (dropless). ``ep``: a ``model.moe_ep.ExpertParallel`` to run the MoE
+        layers expert-parallel on its mesh (``train/sharding.expert_parallel``); None = this device.
+        """
         b, t = inputs.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
-        x, aux = self.run_blocks(self.embed_tokens(inputs), positions, segment_ids)
+        x, aux = self.run_blocks(self.embed_tokens(inputs), positions, segment_ids, train, ep)
         h = self.final_norm(x)
         logits = self.logits_from(h)
         mtp_logits = []
         h_prev = h
         for k, module in enumerate(self.mtp, start=1):
             emb = self.embed_tokens(shift_left(inputs, k))  # Emb(t_{i+k})
-            h_prev, h_norm, a = module(h_prev, emb, positions, segment_ids)
-            aux = _add_aux(aux, a)
+            h_prev, h_norm, a = module(h_prev, emb, positions, segment_ids, train=train, ep=ep)
+            aux = add_aux(aux, a)
             mtp_logits.append(self.logits_from(h_norm))
         return ModelOutput(logits, jnp.stack(mtp_logits) if mtp_logits else None, h, aux)

@@ -4,8 +4,9 @@
   python -m tools.bench_kernels --nosmall  # DeepSeek-V3-sized shapes (use on an accelerator)
 
 Prints one JSON line per (kernel, impl): kernel, impl, shape, ms (median), tflops, gbps, backend.
-gmm vs `lax.ragged_dot`; router kernel vs the jnp reference; fp8 matmul (quantize both operands +
-block-scaled matmul) vs a bf16 `jnp.dot`. On CPU the Pallas numbers are interpreter speed.
+gmm (Pallas) vs `lax.ragged_dot` and the XLA scan (`model.grouped_matmul`); router kernel vs the jnp
+reference; fp8 matmul (quantize both operands + block-scaled matmul) vs a bf16 `jnp.dot`.
+On CPU the Pallas numbers are interpreter speed.
 """
 
 import argparse
@@ -16,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels_pallas import fp8, gmm, router
+from kernels_pallas import fp8, router
+from model import grouped_matmul
 
 
 def _time_ms(fn, *args, iters: int) -> float:
@@ -42,8 +44,8 @@ def bench_gmm(small: bool, iters: int):
   rhs = jax.random.normal(keys[1], (g, k, n), jnp.bfloat16)
   sizes = jnp.full((g,), m // g, jnp.int32)
   nbytes = 2 * (m * k + g * k * n + m * n)
-  for impl in ("pallas", "xla"):
-    fn = jax.jit(lambda a, b, s, impl=impl: gmm.gmm(a, b, s, impl=impl))
+  for impl in ("pallas", "ragged_dot", "scan"):
+    fn = jax.jit(lambda a, b, s, impl=impl: grouped_matmul.gmm(a, b, s, impl=impl))
     _emit("gmm", impl, dict(m=m, k=k, n=n, groups=g), _time_ms(fn, lhs, rhs, sizes, iters=iters),
           2 * m * k * n, nbytes)
 
@@ -56,8 +58,8 @@ def bench_router(small: bool, iters: int):
   bias = jnp.zeros((e,), jnp.float32)
   flops = t * e * (cfg.top_k * 4 + cfg.n_group * 4 + 4)  # rough elementwise op count
   nbytes = 4 * (t * e + e + 2 * t * cfg.top_k)
-  for impl in ("pallas", "xla"):
-    fn = jax.jit(lambda x, b, impl=impl: router.route(x, b, cfg, impl=impl))
+  for impl, fn in (("pallas", router.route), ("xla", router.route_reference)):
+    fn = jax.jit(lambda x, b, fn=fn: fn(x, b, cfg))
     _emit("router", impl, dict(tokens=t, experts=e, top_k=cfg.top_k, n_group=cfg.n_group),
           _time_ms(fn, logits, bias, iters=iters), flops, nbytes)
 

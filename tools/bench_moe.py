@@ -60,7 +60,7 @@ def main(argv):
         graphdef, params, rest = nnx.split(MoE(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
 
         def loss(params, rest, x, fwd):
-            moe = nnx.merge(graphdef, params, rest, copy=True)
+            moe = nnx.merge(graphdef, params, rest)
             return jnp.sum(fwd(moe, x) ** 2)
 
         def grouped(moe, x):

@@ -22,7 +22,9 @@ each einsum that contracts a sharded dimension (FSDP's ``embed``, TP's ``heads``
 ``out_sharding`` argument in the model code, i.e. the model would have to name mesh axes. With
 ``Auto`` axes the model stays mesh-agnostic: jit's in/out shardings pin params, moments and batch,
 XLA's partitioner propagates them through the layers, and the one place where the layout must be
-exact (the expert all-to-all) is an explicit ``jax.shard_map``.
+exact (the expert all-to-all) is an explicit ``jax.shard_map``, whose mesh and axes the model
+receives from ``expert_parallel`` (built from ``RULES``, passed as an argument: the model never
+reads a mesh from context).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from model.moe_ep import ExpertParallel
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")  # outer (slow links, across hosts) -> inner
 BATCH_AXES = ("data", "fsdp", "expert")
@@ -196,7 +200,14 @@ def with_shardings(abstract: Any, shardings: Any) -> Any:
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """[b, ...] batches: rows over (data, fsdp, expert), replicated over tensor."""
-    return NamedSharding(mesh, P(BATCH_AXES))
+    return NamedSharding(mesh, P(RULES["batch"]))
+
+
+def expert_parallel(mesh: Mesh) -> Optional[ExpertParallel]:
+    """The MoE layers' ``shard_map`` layout on ``mesh`` under ``RULES`` (None for one device)."""
+    if mesh.size == 1:
+        return None
+    return ExpertParallel(mesh, batch=RULES["batch"], expert=RULES["expert"], mlp=RULES["expert_mlp"])
 
 
 def global_batch(local: dict, mesh: Mesh) -> dict:
@@ -210,8 +221,8 @@ def global_batch(local: dict, mesh: Mesh) -> dict:
 
 
 class MeshJit:
-    """``jax.jit`` whose tracing and calls happen with ``mesh`` in context (``jax.set_mesh``), so
-    ``model/moe_ep.py`` finds the mesh while tracing. ``lower`` gives the AOT lowering."""
+    """``jax.jit`` whose tracing and calls happen with ``mesh`` in context (``jax.set_mesh``; the
+    model itself takes its mesh as an argument). ``lower`` gives the AOT lowering."""
 
     def __init__(self, fn, mesh: Mesh, **jit_kwargs):
         self.mesh = mesh

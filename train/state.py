@@ -1,7 +1,7 @@
 """The train state: everything a step reads and writes, as one pytree of arrays.
 
 ``params`` (nnx.Param leaves, what the optimizer sees), ``opt_state`` (Adam moments, count),
-``rest`` (non-Param model state: router selection biases and expert loads), ``step``, ``rng``
+``rest`` (non-Param model state: the router selection biases), ``step``, ``rng``
 (key data) and ``skipped`` (non-finite steps so far). The model's structure (``graphdef``) is
 static and lives outside, so the step is a pure function of arrays.
 """
@@ -48,14 +48,3 @@ def abstract_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int
     shapes = jax.eval_shape(make)
     return out["graphdef"], shapes
 
-
-def merge(graphdef, *states):
-    """``nnx.merge`` into fresh Variables owned by the current trace.
-
-    Inside ``jax.grad``/``lax.scan`` the model's forward writes ``ExpertLoad``; Variables shared
-    with an outer trace (the default, ``copy=False``) refuse that mutation.
-    """
-    try:
-        return nnx.merge(graphdef, *states, copy=True)
-    except TypeError:  # older flax without ``copy``: its merge always creates new Variables
-        return nnx.merge(graphdef, *states)

@@ -13,11 +13,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from model.balance import expert_loads, max_violation, update_router_biases
+from model.balance import load_shape, max_violation, update_router_biases
 from model.loss import lm_losses, token_cross_entropy
-from model.router import ExpertLoad
 from train import sharding
-from train.state import merge
 
 
 def _split_micro(batch: dict, n: int) -> dict:
@@ -26,19 +24,20 @@ def _split_micro(batch: dict, n: int) -> dict:
     return jax.tree.map(lambda x: x.reshape((x.shape[0] // n, n) + x.shape[1:]).swapaxes(0, 1), batch)
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, train_cfg):
+def make_train_step(graphdef, tx: optax.GradientTransformation, train_cfg, ep=None):
+    """``ep``: ``model.moe_ep.ExpertParallel`` of the mesh the step runs on (None: one device)."""
     mtp_w, alpha, gamma = train_cfg.mtp_loss_weight, train_cfg.balance_loss_alpha, train_cfg.bias_update_rate
     n_micro = train_cfg.microbatches
 
     def loss_fn(params, rest, mb):
-        model = merge(graphdef, params, rest)
-        out = model(mb["inputs"], mb["positions"], mb["segment_ids"])
+        model = nnx.merge(graphdef, params, rest)
+        out = model(mb["inputs"], mb["positions"], mb["segment_ids"], train=True, ep=ep)
         losses = lm_losses(out, mb, mtp_w)
         balance = alpha * out.aux["balance_loss"]
         loss = losses["main_loss"] + losses["mtp_loss"] + balance
         metrics = {"loss": loss, "main_loss": losses["main_loss"], "mtp_loss": losses["mtp_loss"],
                    "balance_loss": balance, "dropped_tokens": out.aux["dropped"].astype(jnp.float32)}
-        return loss, (metrics, nnx.state(model, ExpertLoad))
+        return loss, (metrics, out.aux["expert_load"])
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -54,7 +53,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, train_cfg):
 
         zeros_g = jax.tree.map(lambda p: jnp.zeros_like(p, jnp.float32), params)  # f32 sums (V3 report Sec. 3.3)
         zeros_m = {k: jnp.zeros((), jnp.float32) for k in ("loss", "main_loss", "mtp_loss", "balance_loss", "dropped_tokens")}
-        zeros_l = jax.tree.map(jnp.zeros_like, nnx.state(merge(graphdef, params, rest), ExpertLoad))
+        zeros_l = jnp.zeros(load_shape(nnx.merge(graphdef, params, rest)), jnp.float32)  # [l, e]
         (grads, metrics, loads), _ = jax.lax.scan(accumulate, (zeros_g, zeros_m, zeros_l), micro)
         grads = jax.tree.map(lambda g: g / n_micro, grads)
         metrics = {k: (v if k == "dropped_tokens" else v / n_micro) for k, v in metrics.items()}
@@ -64,13 +63,11 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, train_cfg):
         updates, new_opt = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
 
-        # Aux-loss-free bias update from the global batch's per-expert loads.
-        model = merge(graphdef, new_params, rest)
-        nnx.update(model, loads)
+        # Aux-loss-free bias update from the global batch's per-expert loads [l, e].
+        model = nnx.merge(graphdef, new_params, rest)
         if gamma:
-            update_router_biases(model, gamma)
+            update_router_biases(model, loads, gamma)
         new_rest = nnx.state(model, nnx.Not(nnx.Param))
-        loads_arr = expert_loads(model)  # [l, e]
 
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
         new_state = {
@@ -82,8 +79,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, train_cfg):
             "skipped": state["skipped"] + (~finite).astype(jnp.int32),
         }
         metrics.update(grad_norm=grad_norm, finite=finite,
-                       maxvio=max_violation(loads_arr),
-                       expert_load=loads_arr / jnp.maximum(loads_arr.sum(-1, keepdims=True), 1.0))
+                       maxvio=max_violation(loads),
+                       expert_load=loads / jnp.maximum(loads.sum(-1, keepdims=True), 1.0))
         return new_state, metrics
 
     return train_step
@@ -93,15 +90,17 @@ def sharded_train_step(graphdef, tx: optax.GradientTransformation, train_cfg, me
                        donate: bool = True) -> sharding.MeshJit:
     """``make_train_step`` jitted on ``mesh``: state in and out with ``state_sh``, the batch split over
     the batch axes, metrics replicated; the input state is donated unless ``donate=False``."""
-    return sharding.MeshJit(make_train_step(graphdef, tx, train_cfg), mesh, donate_argnums=(0,) if donate else (),
+    step = make_train_step(graphdef, tx, train_cfg, sharding.expert_parallel(mesh))
+    return sharding.MeshJit(step, mesh, donate_argnums=(0,) if donate else (),
                             in_shardings=(state_sh, sharding.batch_sharding(mesh)),
                             out_shardings=(state_sh, sharding.replicated(mesh)))
 
 
-def make_eval_step(graphdef):
+def make_eval_step(graphdef, ep=None):
+    """Dropless (``train=False``) evaluation sums; ``ep`` as in ``make_train_step``."""
     def eval_step(params, rest, batch):
-        model = merge(graphdef, params, rest)
-        out = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+        model = nnx.merge(graphdef, params, rest)
+        out = model(batch["inputs"], batch["positions"], batch["segment_ids"], ep=ep)
         mask = batch["loss_mask"].astype(jnp.float32)
         nll = token_cross_entropy(out.logits, batch["targets"])
         return {"nll_sum": jnp.sum(nll * mask), "tokens": jnp.sum(mask),

@@ -171,7 +171,7 @@ def _train_and_evaluate(config, workdir, mesh, cfg, tokenizer, on_step) -> dict:
     # ---- compiled steps: state keeps its shardings, batches are split over the batch axes ----
     batch_sh, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
     train_step = sharded_train_step(graphdef, tx, tc, mesh, state_sh)
-    eval_step = sharding.MeshJit(make_eval_step(graphdef), mesh, out_shardings=replicated,
+    eval_step = sharding.MeshJit(make_eval_step(graphdef, sharding.expert_parallel(mesh)), mesh, out_shardings=replicated,
                                  in_shardings=(state_sh["params"], state_sh["rest"], batch_sh))
     flops_per_token = model_flops_per_token(cfg, config.data.seq_len)
     peak, peak_src = peak_flops(tc.peak_flops, device_kind=jax.devices()[0].device_kind, dtype=cfg.dtype,

@@ -1,7 +1,8 @@
 """Public fine-grained low-precision ops (DeepSeek-V3 report, Sec. 3.3) with backend dispatch.
 
 impl: "pallas" (kernels; compiled on TPU, interpreted elsewhere when interpret is None), "xla"
-(the jnp reference), "auto" (pallas on TPU, xla elsewhere). fmt: "fp8" (float8_e4m3fn, qmax 448)
+(the jnp reference), "auto" (``kernels_pallas.backend.resolve``: pallas on TPU, xla elsewhere).
+fmt: "fp8" (float8_e4m3fn, qmax 448)
 or "int8" (qmax 127, round to nearest).
 """
 
@@ -12,7 +13,16 @@ import jax.numpy as jnp
 
 from kernels_pallas.fp8 import kernel, reference
 from kernels_pallas.fp8.kernel import BlockSizes
-from kernels_pallas.gmm.ops import resolve_impl
+from kernels_pallas.backend import interpret_default, resolve
+
+
+def resolve_impl(impl, interpret):
+  """("pallas" | "xla", interpret); "auto" is resolved by the shared ``kernels_pallas.backend``."""
+  if impl == "auto":
+    impl = "pallas" if resolve(impl) == "pallas" else "xla"
+  if impl not in ("pallas", "xla"):
+    raise ValueError(f"impl must be 'auto', 'pallas' or 'xla', got {impl!r}")
+  return impl, interpret_default(interpret)
 
 
 def quantize_activations(x, *, fmt="fp8", pow2_scale=False, block_sizes=BlockSizes(),

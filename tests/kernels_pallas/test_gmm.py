@@ -8,6 +8,7 @@ from hypothesis import given, settings, strategies as st
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels_pallas.gmm import BlockSizes, gmm, gmm_reference, tgmm, tgmm_reference
+from model import grouped_matmul
 from tests.tolerances import assert_close
 
 # (m, k, n, G, tiling): k != n, m not a multiple of tm in the first, tn > n in the last. Few distinct
@@ -51,7 +52,7 @@ def test_gmm_forward_and_vjp_match_reference(data, shape, dtype, transpose_rhs, 
   m, k, n, g, tiling = shape
   sizes = jnp.asarray(data.draw(group_sizes_st(m, g)))
   lhs, rhs, cot = _inputs(m, k, n, g, dtype, transpose_rhs, seed)
-  kern = lambda a, b: gmm(a, b, sizes, transpose_rhs=transpose_rhs, tiling=tiling, impl="pallas")
+  kern = lambda a, b: gmm(a, b, sizes, transpose_rhs=transpose_rhs, tiling=tiling)
   ref = lambda a, b: gmm_reference(a, b, sizes, transpose_rhs=transpose_rhs)
   out, vjp = jax.vjp(kern, lhs, rhs)
   out_ref, vjp_ref = jax.vjp(ref, lhs, rhs)
@@ -71,11 +72,14 @@ def test_gmm_edge_groups_and_xla_path(sizes):
   sizes = jnp.asarray(sizes, jnp.int32)
   lhs, rhs, cot = _inputs(m, k, n, g, jnp.float32, False, 0)
   want = gmm_reference(lhs, rhs, sizes)
-  assert_close(gmm(lhs, rhs, sizes, tiling=tiling, impl="pallas"), want, composite=True)
-  assert_close(gmm(lhs, rhs, sizes, impl="xla"), want, composite=True)
-  d_rhs = tgmm(lhs, cot, sizes, tiling=tiling, impl="pallas")  # [G, k, n]
+  assert_close(gmm(lhs, rhs, sizes, tiling=tiling), want, composite=True)
+  for impl in ("ragged_dot", "scan"):
+    assert_close(grouped_matmul.gmm(lhs, rhs, sizes, impl=impl, tile=8), want, composite=True, err_msg=impl)
+  d_rhs = tgmm(lhs, cot, sizes, tiling=tiling)  # [G, k, n]
   assert_close(d_rhs, tgmm_reference(lhs, cot, sizes), composite=True)
-  assert_close(tgmm(lhs, cot, sizes, impl="xla"), tgmm_reference(lhs, cot, sizes), composite=True)
+  for impl in ("ragged_dot", "scan"):  # the XLA backends' weight gradient (the scan's is its own tgmm)
+    d_rhs_xla = jax.vjp(lambda w: grouped_matmul.gmm(lhs, w, sizes, impl=impl, tile=8), rhs)[1](cot)[0]
+    assert_close(d_rhs_xla, tgmm_reference(lhs, cot, sizes), composite=True, err_msg=impl)
   assert not np.asarray(d_rhs)[np.asarray(sizes) == 0].any(), "empty groups get zero gradient"
 
 
@@ -84,5 +88,5 @@ def test_gmm_tpu_interpreter():
   m, k, n, g, tiling = SHAPES[1]
   sizes = jnp.asarray([10, 0, 30], jnp.int32)
   lhs, rhs, _ = _inputs(m, k, n, g, jnp.float32, False, 1)
-  out = gmm(lhs, rhs, sizes, tiling=tiling, impl="pallas", interpret=pltpu.InterpretParams())
+  out = gmm(lhs, rhs, sizes, tiling=tiling, interpret=pltpu.InterpretParams())
   assert_close(out, gmm_reference(lhs, rhs, sizes), composite=True)

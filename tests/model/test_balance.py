@@ -3,9 +3,10 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
-from model.balance import expert_loads, max_violation, routers, sequence_balance_loss, update_router_biases
+from model.balance import load_shape, max_violation, routers, sequence_balance_loss, update_router_biases
 from model.transformer import Transformer
 from tests.util import tiny_config
 
@@ -16,12 +17,9 @@ def test_bias_update_direction_and_size():
     rs = routers(model)
     assert len(rs) == cfg.n_moe_layers + cfg.mtp_depth
     load = jnp.array([10.0, 0, 5, 5, 5, 5, 5, 5])  # mean 5
-    for r in rs:
-        r.load[...] = load
-    update_router_biases(model, gamma=0.01)
+    update_router_biases(model, jnp.stack([load] * len(rs)), gamma=0.01)
     for r in rs:
         np.testing.assert_allclose(np.asarray(r.bias[...]), [-0.01, 0.01, 0, 0, 0, 0, 0, 0])
-    np.testing.assert_allclose(np.asarray(expert_loads(model))[0], np.asarray(load))
     np.testing.assert_allclose(np.asarray(max_violation(load[None])), [1.0])
 
 
@@ -34,11 +32,12 @@ def test_bias_update_balances_a_skewed_router():
     x = jax.random.normal(jax.random.key(0), (512, cfg.d_model))
     valid = jnp.ones((512,), bool)
     first = None
+    n = len(routers(model))
     for _ in range(300):
-        r(x, valid)
-        vio = float(max_violation(r.load[...][None])[0])
+        load = r(x, valid).load  # [e]
+        vio = float(max_violation(load[None])[0])
         first = vio if first is None else first
-        update_router_biases(model, gamma=0.01)
+        update_router_biases(model, jnp.zeros((n, cfg.n_routed_experts)).at[0].set(load), gamma=0.01)
     assert vio < 0.5 * first
 
 
@@ -67,3 +66,21 @@ def test_sequence_balance_loss_formula():
         rows += 1
     got = sequence_balance_loss(jnp.asarray(ids), jnp.asarray(scores), jnp.asarray(valid), e)
     np.testing.assert_allclose(float(got), total / rows, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_forward_returns_each_routers_load_in_update_order(scan):
+    """aux["expert_load"] has one row per MoE layer (+ MTP) in ``routers`` order, counting the valid
+    tokens' assignments: biasing one layer's router to expert 0 shows up in that row only."""
+    cfg = tiny_config(scan_layers=scan, n_group=1, topk_group=1)  # 2 MoE layers + MTP
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    layer = 1  # the second MoE layer
+    r = routers(model)[0 if scan else layer]
+    bias = r.bias[...]  # [l, e] scanned, else [e]
+    r.bias[...] = bias.at[layer, 0].set(100.0) if scan else bias.at[0].set(100.0)
+    ids = jax.random.randint(jax.random.key(1), (2, 9), 0, cfg.vocab_size)
+    seg = jnp.ones((2, 9), jnp.int32).at[1, 6:].set(0)
+    loads = np.asarray(nnx.jit(lambda m, i, s: m(i, None, s).aux["expert_load"])(model, ids, seg))
+    assert loads.shape == load_shape(model) == (cfg.n_moe_layers + cfg.mtp_depth, cfg.n_routed_experts)
+    np.testing.assert_array_equal(loads.sum(-1), 15 * cfg.n_experts_per_tok)
+    np.testing.assert_array_equal(loads[:, 0] == 15, np.arange(len(loads)) == layer)

@@ -92,11 +92,14 @@ def test_import_export_logits_match_transformers(name, tmp_path):
     assert diff_back <= 1e-5
 
 
-def test_deepseek_v2_softmax_router_import_export(tmp_path):
-    """DeepseekV2ForCausalLM (V2-Lite style: no q_lora, softmax greedy router, 2 shared experts)."""
+@pytest.mark.parametrize("topk_method", ["greedy", "group_limited_greedy"])
+def test_deepseek_v2_softmax_router_import_export(tmp_path, topk_method):
+    """DeepseekV2ForCausalLM (V2-Lite style: no q_lora, softmax greedy router, 2 shared experts; or
+    V2's group_limited_greedy, groups scored by their max score)."""
+    groups = dict(n_group=4, topk_group=2) if topk_method == "group_limited_greedy" else {}
     cfg = transformers.DeepseekV2Config(
         **{k: v for k, v in BASE.items() if k not in ("n_group", "topk_group", "norm_topk_prob", "rope_interleave")},
-        attn_implementation="eager", topk_method="greedy", norm_topk_prob=False)
+        **groups, attn_implementation="eager", topk_method=topk_method, norm_topk_prob=False)
     cfg.q_lora_rank, cfg.n_shared_experts, cfg.routed_scaling_factor = None, 2, 1.5
     cfg.rope_parameters = dict(YARN_V3, rope_type="yarn", mscale=0.707, mscale_all_dim=0.707, rope_theta=10000.0)
     torch.manual_seed(0)
@@ -107,6 +110,7 @@ def test_deepseek_v2_softmax_router_import_export(tmp_path):
     m.save_pretrained(str(tmp_path / "src"))
     model = hf.from_pretrained(str(tmp_path / "src"))
     assert (model.cfg.score_fn, model.cfg.q_lora_rank, model.cfg.use_aux_free_bias) == ("softmax", None, False)
+    assert (model.cfg.n_group, model.cfg.group_score) == ((4, "max") if groups else (1, "max"))
     ids = _ids()
     ref = _hf_logits(m, ids)
     diff = np.abs(np.asarray(model(jnp.asarray(ids)).logits) - ref).max()
@@ -114,7 +118,7 @@ def test_deepseek_v2_softmax_router_import_export(tmp_path):
     assert diff <= 1e-4
     hf.save_pretrained(model, str(tmp_path / "export"))
     back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "export"), attn_implementation="eager")
-    assert type(back).__name__ == "DeepseekV2ForCausalLM"
+    assert type(back).__name__ == "DeepseekV2ForCausalLM" and back.config.topk_method == topk_method
     assert np.abs(_hf_logits(back.eval(), ids) - ref).max() <= 1e-5
 
 
