@@ -39,7 +39,6 @@ from model.flash_attention import flash_attention
 IMPLS = ("auto", "naive", "xla", "splash", "cudnn")
 SHORT_SEQ = 256  # CPU: up to here the naive path is as fast and its [t, t] tensors are small
 SPLASH_BLOCK = 128
-_BATCH = ("data", "fsdp", "expert")  # train/sharding.BATCH_AXES; the model imports nothing from train/
 
 
 def _cudnn_head_dim_limit(device_kind: str) -> int:
@@ -89,27 +88,18 @@ def naive_attention(q, k, v, segment_ids, *, scale: float) -> jax.Array:
     return jnp.einsum("bhts,bhsv->bhtv", probs, v)  # [b, h, t, v]
 
 
-def _context_mesh():
-    """The training mesh in context (``jax.set_mesh``, as ``model/moe_ep.py`` reads it) if it has
-    more than one device, else None."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1 or not set(_BATCH + ("tensor",)) <= set(mesh.axis_names):
-        return None
-    return mesh
-
-
-def splash_attention(q, k, v, segment_ids, *, scale: float, interpret: bool = False) -> jax.Array:
+def splash_attention(q, k, v, segment_ids, *, scale: float, interpret: bool = False, ep=None) -> jax.Array:
     """JAX's TPU splash kernel, vmapped over the batch (it takes one sequence: [h, t, k]).
 
     A Pallas call has no partitioning rule, so on a mesh XLA would gather every input onto every
-    device; the kernel runs under ``shard_map`` instead, on each device's rows (batch axes) and
-    heads (tensor axis), as the arrays are already laid out."""
-    mesh = _context_mesh()
-    if mesh is None:
+    device; with ``ep`` (the model's ``shard_map`` layout, ``model/moe_ep.ExpertParallel``: its mesh
+    and the mesh axes of the batch rows and of the heads, from ``train/sharding.RULES``) the kernel
+    runs under ``shard_map`` instead, on each device's rows and heads, as the arrays are laid out."""
+    if ep is None:
         return _splash(q, k, v, segment_ids, scale=scale, interpret=interpret)
-    spec, seg_spec = P(_BATCH, "tensor"), P(_BATCH)
+    spec, seg_spec = P(ep.batch, ep.heads), P(ep.batch)
     fn = functools.partial(_splash, scale=scale, interpret=interpret)
-    return jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec, spec, seg_spec), out_specs=spec,
+    return jax.shard_map(fn, mesh=ep.mesh, in_specs=(spec, spec, spec, seg_spec), out_specs=spec,
                          check_vma=False)(q, k, v, segment_ids)
 
 
@@ -144,8 +134,9 @@ def cudnn_attention(q, k, v, segment_ids, *, scale: float) -> jax.Array:
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *, scale: float,
-              impl: str = "auto") -> jax.Array:
-    """q [b, h, t, k], k [b, h, t, k], v [b, h, t, v], segment_ids [b, t] -> [b, h, t, v]."""
+              impl: str = "auto", ep=None) -> jax.Array:
+    """q [b, h, t, k], k [b, h, t, k], v [b, h, t, v], segment_ids [b, t] -> [b, h, t, v]. ``ep``: the
+    model's ``shard_map`` layout on a mesh (only the splash kernel needs it; None on one device)."""
     impl = resolve_impl(impl, backend=jax.default_backend(), seq_len=q.shape[2], dtype=q.dtype,
                         qk_head_dim=q.shape[-1], device_kind=jax.devices()[0].device_kind)
     if impl == "naive":
@@ -154,6 +145,6 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, 
         block = 128 if jax.default_backend() == "cpu" else 512  # CPU: fastest of 64..512 measured
         return flash_attention(q, k, v, segment_ids, scale=scale, block=block)
     if impl == "splash":
-        return splash_attention(q, k, v, segment_ids, scale=scale)  # compiled by Mosaic: TPU only
+        return splash_attention(q, k, v, segment_ids, scale=scale, ep=ep)  # compiled by Mosaic: TPU only
     return cudnn_attention(q, k, v, segment_ids, scale=scale)
 

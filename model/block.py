@@ -36,7 +36,7 @@ class Block(nnx.Module):
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, *, train: bool = False,
                  ep=None):
         """x [b, t, d] -> (x [b, t, d], aux); ``train``, ``ep``: see ``MoE.__call__``."""
-        x = x + self.attn(self.attn_norm(x), positions, segment_ids).astype(x.dtype)
+        x = x + self.attn(self.attn_norm(x), positions, segment_ids, ep=ep).astype(x.dtype)
         h = self.mlp_norm(x)
         if self.is_moe:
             y, aux = self.mlp(h, segment_ids, train=train, ep=ep)

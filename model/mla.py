@@ -71,8 +71,8 @@ class MLA(nnx.Module):
         k_rope = apply_rope(ckv[..., cfg.kv_lora_rank:], cos, sin, interleave=cfg.rope_interleave)  # [b, s, r]
         return c_kv, k_rope
 
-    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
-        """x [b, t, d] -> [b, t, d]."""
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, *, ep=None) -> jax.Array:
+        """x [b, t, d] -> [b, t, d]; ``ep``: the model's ``shard_map`` layout (``model/attention.py``)."""
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
         n = cfg.qk_nope_head_dim
         cos, sin = rope_angles(positions, cfg.qk_rope_head_dim, cfg.rope_theta, cfg.yarn)
@@ -87,5 +87,6 @@ class MLA(nnx.Module):
         k_rope_h = jnp.broadcast_to(k_rope[:, :, None, :], k_rope.shape[:2] + (h, r))
         k = jnp.concatenate([k_nope, k_rope_h], -1).transpose(0, 2, 1, 3)  # [b, h, s, n+r]
         v = v.transpose(0, 2, 1, 3)  # [b, h, s, v]
-        o = attention(q, k, v, segment_ids, scale=cfg.softmax_scale, impl=cfg.attention_impl)  # [b, h, t, v]
+        o = attention(q, k, v, segment_ids, scale=cfg.softmax_scale, impl=cfg.attention_impl,
+                      ep=ep)  # [b, h, t, v]
         return jnp.einsum("bhtv,hvd->btd", o, self.wo[...].astype(dt))

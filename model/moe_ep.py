@@ -34,12 +34,15 @@ except AttributeError:  # jax < 0.7: only the experimental entry point
 
 @dataclasses.dataclass(frozen=True)
 class ExpertParallel:
-    """A mesh and the mesh axes of the MoE layer's logical axes (from ``train/sharding.RULES``)."""
+    """A mesh and the mesh axes of the logical axes the model's ``shard_map``-ed layers use (from
+    ``train/sharding.RULES``): the MoE layer's all-to-all transport, and the splash attention kernel
+    (``model/attention.py``, which reads ``mesh``, ``batch`` and ``heads``)."""
 
     mesh: Mesh
     batch: tuple[str, ...]  # rows of the batch (tokens)
     expert: tuple[str, ...]  # routed experts
     mlp: tuple[str, ...]  # each expert's hidden width f
+    heads: tuple[str, ...] = ()  # attention heads (the splash kernel's shard_map, model/attention.py)
 
     @property
     def n(self) -> int:

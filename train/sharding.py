@@ -207,7 +207,8 @@ def expert_parallel(mesh: Mesh) -> Optional[ExpertParallel]:
     """The MoE layers' ``shard_map`` layout on ``mesh`` under ``RULES`` (None for one device)."""
     if mesh.size == 1:
         return None
-    return ExpertParallel(mesh, batch=RULES["batch"], expert=RULES["expert"], mlp=RULES["expert_mlp"])
+    return ExpertParallel(mesh, batch=RULES["batch"], expert=RULES["expert"], mlp=RULES["expert_mlp"],
+                          heads=RULES["heads"])
 
 
 def global_batch(local: dict, mesh: Mesh) -> dict:

@@ -1,6 +1,7 @@
 """Every attention backend that runs on CPU against the naive reference, forward and gradients."""
 
 import jax
+import ml_collections
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -60,6 +61,20 @@ def test_splash_interpreted_matches_naive():
     q, k, v = _inputs(3, 2, 128, 24, 16, seed=1)
     fn = lambda q, k, v, seg, scale: splash_attention(q, k, v, seg, scale=scale, interpret=True)
     _check_against_naive(fn, q, k, v, _segments(3, 128), _YARN_SCALE)
+
+
+def test_splash_on_a_mesh_runs_per_device_and_matches_naive():
+    """On a mesh the kernel runs under shard_map with the layout the model passes explicitly (rows
+    over the batch axes, heads over the tensor axis: train/sharding.RULES), and gives the
+    one-device result, forward and gradients."""
+    from train.sharding import expert_parallel, make_mesh
+
+    mesh = make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=1, expert=2, tensor=2)))
+    ep = expert_parallel(mesh)
+    assert ep.heads == ("tensor",) and "data" in ep.batch
+    q, k, v = _inputs(4, 2, 128, 24, 16, seed=2)
+    fn = lambda q, k, v, seg, scale: splash_attention(q, k, v, seg, scale=scale, interpret=True, ep=ep)
+    _check_against_naive(fn, q, k, v, _segments(4, 128), _YARN_SCALE)
 
 
 def test_blockwise_saves_no_score_matrix():
