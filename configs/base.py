@@ -27,7 +27,11 @@ def model_config_dict(preset: str) -> ml_collections.ConfigDict:
         if f.name == "yarn":
             v = None if v is None else ml_collections.ConfigDict(dataclasses.asdict(v))
         elif f.name in _OPTIONAL:
-            v = config_dict.placeholder(_OPTIONAL[f.name]) if v is None else config_dict.FieldReference(v, field_type=_OPTIONAL[f.name])
+            v = (
+                config_dict.placeholder(_OPTIONAL[f.name])
+                if v is None
+                else config_dict.FieldReference(v, field_type=_OPTIONAL[f.name])
+            )
         d[f.name] = v
     # Compute dtype of the matmuls: "auto" = bfloat16 on GPU/TPU, float32 on CPU (ModelConfig resolves it).
     d["dtype"] = "auto"

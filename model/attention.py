@@ -47,8 +47,7 @@ def _cudnn_head_dim_limit(device_kind: str) -> int:
     return 256 if hopper_or_later else 128
 
 
-def resolve_impl(impl: str, *, backend: str, seq_len: int, dtype, qk_head_dim: int,
-                 device_kind: str = "") -> str:
+def resolve_impl(impl: str, *, backend: str, seq_len: int, dtype, qk_head_dim: int, device_kind: str = "") -> str:
     """The backend that runs for ``impl`` (one of ``IMPLS``) on ``backend`` (cpu | gpu | tpu).
 
     An explicit choice is checked against the kernel's shape limits, not against ``backend``: a
@@ -56,11 +55,16 @@ def resolve_impl(impl: str, *, backend: str, seq_len: int, dtype, qk_head_dim: i
     """
     if impl not in IMPLS:
         raise ValueError(f"attention impl must be one of {IMPLS}, got {impl!r}")
-    cudnn_ok = (jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and qk_head_dim % 8 == 0
-                and qk_head_dim <= _cudnn_head_dim_limit(device_kind))
+    cudnn_ok = (
+        jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+        and qk_head_dim % 8 == 0
+        and qk_head_dim <= _cudnn_head_dim_limit(device_kind)
+    )
     if impl == "cudnn" and not cudnn_ok:
-        raise ValueError(f"attention impl 'cudnn' needs bf16/fp16 and a head dim that is a multiple of 8 within "
-                         f"cuDNN's limit on {device_kind or backend}; got {jnp.dtype(dtype).name}, {qk_head_dim}")
+        raise ValueError(
+            f"attention impl 'cudnn' needs bf16/fp16 and a head dim that is a multiple of 8 within "
+            f"cuDNN's limit on {device_kind or backend}; got {jnp.dtype(dtype).name}, {qk_head_dim}"
+        )
     if impl == "splash" and seq_len % SPLASH_BLOCK:
         raise ValueError(f"attention impl 'splash' needs seq_len a multiple of {SPLASH_BLOCK}, got {seq_len}")
     if impl != "auto":
@@ -99,8 +103,9 @@ def splash_attention(q, k, v, segment_ids, *, scale: float, interpret: bool = Fa
         return _splash(q, k, v, segment_ids, scale=scale, interpret=interpret)
     spec, seg_spec = P(ep.batch, ep.heads), P(ep.batch)
     fn = functools.partial(_splash, scale=scale, interpret=interpret)
-    return jax.shard_map(fn, mesh=ep.mesh, in_specs=(spec, spec, spec, seg_spec), out_specs=spec,
-                         check_vma=False)(q, k, v, segment_ids)
+    return jax.shard_map(fn, mesh=ep.mesh, in_specs=(spec, spec, spec, seg_spec), out_specs=spec, check_vma=False)(
+        q, k, v, segment_ids
+    )
 
 
 def _splash(q, k, v, segment_ids, *, scale: float, interpret: bool) -> jax.Array:
@@ -110,9 +115,16 @@ def _splash(q, k, v, segment_ids, *, scale: float, interpret: bool) -> jax.Array
     mask = sk.MultiHeadMask([sk.CausalMask((t, t)) for _ in range(h)])
     blocks = min(512, t)
     blocks = blocks if t % blocks == 0 else SPLASH_BLOCK
-    sizes = sk.BlockSizes(block_q=blocks, block_kv=blocks, block_kv_compute=blocks,
-                          block_q_dkv=blocks, block_kv_dkv=blocks, block_kv_dkv_compute=blocks,
-                          block_q_dq=blocks, block_kv_dq=blocks)
+    sizes = sk.BlockSizes(
+        block_q=blocks,
+        block_kv=blocks,
+        block_kv_compute=blocks,
+        block_q_dkv=blocks,
+        block_kv_dkv=blocks,
+        block_kv_dkv_compute=blocks,
+        block_q_dq=blocks,
+        block_kv_dq=blocks,
+    )
     kernel = sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
     seg = segment_ids.astype(jnp.int32)
 
@@ -128,17 +140,25 @@ def cudnn_attention(q, k, v, segment_ids, *, scale: float) -> jax.Array:
     v_pad = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, dk - dv))) if dv < dk else v
     same = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # [b, 1, t, s]: packed documents
     bthk = functools.partial(jnp.swapaxes, axis1=1, axis2=2)  # [b, h, t, k] <-> [b, t, h, k]
-    o = jax.nn.dot_product_attention(bthk(q), bthk(k), bthk(v_pad), mask=same, scale=scale,
-                                     is_causal=True, implementation="cudnn")  # [b, t, h, k]
+    o = jax.nn.dot_product_attention(
+        bthk(q), bthk(k), bthk(v_pad), mask=same, scale=scale, is_causal=True, implementation="cudnn"
+    )  # [b, t, h, k]
     return bthk(o)[..., :dv]
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *, scale: float,
-              impl: str = "auto", ep=None) -> jax.Array:
+def attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *, scale: float, impl: str = "auto", ep=None
+) -> jax.Array:
     """q [b, h, t, k], k [b, h, t, k], v [b, h, t, v], segment_ids [b, t] -> [b, h, t, v]. ``ep``: the
     model's ``shard_map`` layout on a mesh (only the splash kernel needs it; None on one device)."""
-    impl = resolve_impl(impl, backend=jax.default_backend(), seq_len=q.shape[2], dtype=q.dtype,
-                        qk_head_dim=q.shape[-1], device_kind=jax.devices()[0].device_kind)
+    impl = resolve_impl(
+        impl,
+        backend=jax.default_backend(),
+        seq_len=q.shape[2],
+        dtype=q.dtype,
+        qk_head_dim=q.shape[-1],
+        device_kind=jax.devices()[0].device_kind,
+    )
     if impl == "naive":
         return naive_attention(q, k, v, segment_ids, scale=scale)
     if impl == "xla":
@@ -147,4 +167,3 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, 
     if impl == "splash":
         return splash_attention(q, k, v, segment_ids, scale=scale, ep=ep)  # compiled by Mosaic: TPU only
     return cudnn_attention(q, k, v, segment_ids, scale=scale)
-

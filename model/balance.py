@@ -60,7 +60,7 @@ def update_router_biases(model: nnx.Module, loads: jax.Array, gamma: float) -> N
     for r in routers(model):
         bias = r.bias[...]  # [e] or [l, e] when layers are scanned
         rows = bias.size // bias.shape[-1]
-        load = loads[i:i + rows].reshape(bias.shape)
+        load = loads[i : i + rows].reshape(bias.shape)
         i += rows
         r.bias[...] = bias + gamma * jnp.sign(load.mean(-1, keepdims=True) - load)
 

@@ -14,8 +14,11 @@ from model.norms import RMSNorm
 
 def zero_aux(n_experts: int) -> dict:
     """The aux of a block without routed experts (``MoE.__call__`` lists the keys)."""
-    return {"balance_loss": jnp.zeros((), jnp.float32), "dropped": jnp.zeros((), jnp.int32),
-            "expert_load": jnp.zeros((0, n_experts), jnp.float32)}
+    return {
+        "balance_loss": jnp.zeros((), jnp.float32),
+        "dropped": jnp.zeros((), jnp.int32),
+        "expert_load": jnp.zeros((0, n_experts), jnp.float32),
+    }
 
 
 def add_aux(a: dict, b: dict) -> dict:
@@ -30,11 +33,13 @@ class Block(nnx.Module):
         self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.rms_eps, param_dtype=cfg.param_dtype)
         self.attn = MLA(cfg, rngs=rngs)
         self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.rms_eps, param_dtype=cfg.param_dtype)
-        self.mlp = (MoE(cfg, rngs=rngs) if moe else
-                    SwiGLU(cfg.d_model, cfg.dense_ffn_dim, param_dtype=cfg.param_dtype, dtype=cfg.dtype, rngs=rngs))
+        self.mlp = (
+            MoE(cfg, rngs=rngs)
+            if moe
+            else SwiGLU(cfg.d_model, cfg.dense_ffn_dim, param_dtype=cfg.param_dtype, dtype=cfg.dtype, rngs=rngs)
+        )
 
-    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, *, train: bool = False,
-                 ep=None):
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, *, train: bool = False, ep=None):
         """x [b, t, d] -> (x [b, t, d], aux); ``train``, ``ep``: see ``MoE.__call__``."""
         x = x + self.attn(self.attn_norm(x), positions, segment_ids, ep=ep).astype(x.dtype)
         h = self.mlp_norm(x)

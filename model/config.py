@@ -19,8 +19,15 @@ _KERNEL_IMPLS = ("auto", "scan", "ragged_dot", "pallas")  # kernels_pallas/backe
 _REMAT = ("none", "full", "dots", "dots_no_batch")
 _DTYPES = ("float32", "bfloat16", "float16")
 # Fields that change how the model runs, not what it is (``ModelConfig.identity`` leaves them out).
-EXECUTION_FIELDS = ("kernels_impl", "remat", "moe_block_rows", "dtype", "max_seq_len", "attention_impl",
-                    "capacity_factor")
+EXECUTION_FIELDS = (
+    "kernels_impl",
+    "remat",
+    "moe_block_rows",
+    "dtype",
+    "max_seq_len",
+    "attention_impl",
+    "capacity_factor",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,34 +109,63 @@ class ModelConfig:
             if not cond:
                 raise ValueError(f"ModelConfig: {msg}")
 
-        for name in ("vocab_size", "d_model", "n_layers", "dense_ffn_dim", "n_heads", "kv_lora_rank",
-                     "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_routed_experts",
-                     "n_experts_per_tok", "moe_ffn_dim", "n_group", "topk_group", "moe_block_rows",
-                     "max_seq_len"):
+        for name in (
+            "vocab_size",
+            "d_model",
+            "n_layers",
+            "dense_ffn_dim",
+            "n_heads",
+            "kv_lora_rank",
+            "qk_nope_head_dim",
+            "qk_rope_head_dim",
+            "v_head_dim",
+            "n_routed_experts",
+            "n_experts_per_tok",
+            "moe_ffn_dim",
+            "n_group",
+            "topk_group",
+            "moe_block_rows",
+            "max_seq_len",
+        ):
             v = getattr(self, name)
             need(isinstance(v, int) and v > 0, f"{name} must be a positive int, got {v!r}")
         need(self.qk_rope_head_dim % 2 == 0, f"qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
-        need(self.q_lora_rank is None or (isinstance(self.q_lora_rank, int) and self.q_lora_rank > 0),
-             f"q_lora_rank must be None or a positive int, got {self.q_lora_rank!r}")
-        need(0 <= self.first_k_dense <= self.n_layers,
-             f"first_k_dense={self.first_k_dense} must be in [0, n_layers={self.n_layers}]")
+        need(
+            self.q_lora_rank is None or (isinstance(self.q_lora_rank, int) and self.q_lora_rank > 0),
+            f"q_lora_rank must be None or a positive int, got {self.q_lora_rank!r}",
+        )
+        need(
+            0 <= self.first_k_dense <= self.n_layers,
+            f"first_k_dense={self.first_k_dense} must be in [0, n_layers={self.n_layers}]",
+        )
         need(self.n_shared_experts >= 0, f"n_shared_experts must be >= 0, got {self.n_shared_experts}")
-        need(self.n_experts_per_tok <= self.n_routed_experts,
-             f"n_experts_per_tok={self.n_experts_per_tok} exceeds n_routed_experts={self.n_routed_experts}")
-        need(self.n_routed_experts % self.n_group == 0,
-             f"n_group={self.n_group} must divide n_routed_experts={self.n_routed_experts}")
+        need(
+            self.n_experts_per_tok <= self.n_routed_experts,
+            f"n_experts_per_tok={self.n_experts_per_tok} exceeds n_routed_experts={self.n_routed_experts}",
+        )
+        need(
+            self.n_routed_experts % self.n_group == 0,
+            f"n_group={self.n_group} must divide n_routed_experts={self.n_routed_experts}",
+        )
         need(self.topk_group <= self.n_group, f"topk_group={self.topk_group} exceeds n_group={self.n_group}")
         per_group = self.n_routed_experts // self.n_group
         need(self.group_score in _GROUP_SCORES, f"group_score must be one of {_GROUP_SCORES}, got {self.group_score!r}")
         if self.n_group > 1:
-            need(per_group >= 2 or self.group_score == "max", "group_score='top2_sum' scores a group by its "
-                 f"top-2 experts: need >= 2 experts per group, got {per_group}")
-            need(self.topk_group * per_group >= self.n_experts_per_tok,
-                 f"topk_group={self.topk_group} groups of {per_group} experts cannot hold "
-                 f"n_experts_per_tok={self.n_experts_per_tok}")
+            need(
+                per_group >= 2 or self.group_score == "max",
+                "group_score='top2_sum' scores a group by its "
+                f"top-2 experts: need >= 2 experts per group, got {per_group}",
+            )
+            need(
+                self.topk_group * per_group >= self.n_experts_per_tok,
+                f"topk_group={self.topk_group} groups of {per_group} experts cannot hold "
+                f"n_experts_per_tok={self.n_experts_per_tok}",
+            )
         need(self.score_fn in _SCORE_FNS, f"score_fn must be one of {_SCORE_FNS}, got {self.score_fn!r}")
-        need(self.capacity_factor is None or self.capacity_factor > 0,
-             f"capacity_factor must be None (dropless) or > 0, got {self.capacity_factor}")
+        need(
+            self.capacity_factor is None or self.capacity_factor > 0,
+            f"capacity_factor must be None (dropless) or > 0, got {self.capacity_factor}",
+        )
         need(self.mtp_depth >= 0, f"mtp_depth must be >= 0, got {self.mtp_depth}")
         need(self.remat in _REMAT, f"remat must be one of {_REMAT}, got {self.remat!r}")
         need(self.param_dtype in _DTYPES, f"param_dtype must be one of {_DTYPES}, got {self.param_dtype!r}")
@@ -138,10 +174,14 @@ class ModelConfig:
             import jax  # here only: the dataclass is plain Python otherwise
 
             object.__setattr__(self, "dtype", "float32" if jax.default_backend() == "cpu" else "bfloat16")
-        need(self.kernels_impl in _KERNEL_IMPLS,
-             f"kernels_impl must be one of {_KERNEL_IMPLS}, got {self.kernels_impl!r}")
-        need(self.attention_impl in ATTENTION_IMPLS,
-             f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+        need(
+            self.kernels_impl in _KERNEL_IMPLS,
+            f"kernels_impl must be one of {_KERNEL_IMPLS}, got {self.kernels_impl!r}",
+        )
+        need(
+            self.attention_impl in ATTENTION_IMPLS,
+            f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}",
+        )
         if isinstance(self.yarn, Mapping):  # allow a plain dict from a config file
             object.__setattr__(self, "yarn", YarnConfig(**self.yarn))
 
@@ -158,7 +198,8 @@ class ModelConfig:
     def softmax_scale(self) -> float:
         """1/sqrt(d_h + d_h^R), times YaRN's mscale^2 as DeepSeek's reference code applies it."""
         import math
-        scale = self.qk_head_dim ** -0.5
+
+        scale = self.qk_head_dim**-0.5
         if self.yarn is not None and self.yarn.mscale_all_dim:
             m = 0.1 * self.yarn.mscale_all_dim * math.log(self.yarn.factor) + 1.0 if self.yarn.factor > 1 else 1.0
             scale = scale * m * m

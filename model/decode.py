@@ -50,6 +50,7 @@ KINDS = ("absorbed", "naive")
 
 # ---- the cache ----
 
+
 def cache_shapes(cfg: ModelConfig, kind: str) -> dict:
     """Per-token, per-layer cache entries: name -> trailing shape."""
     h, n, r, v, c = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
@@ -78,6 +79,7 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, kind: str) -> tuple:
 
 # ---- one layer ----
 
+
 def _write(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
     """cache [b, S, ...] <- new [b, t, ...] at slots positions [b, t]."""
     return cache.at[jnp.arange(cache.shape[0])[:, None], positions].set(new.astype(cache.dtype))
@@ -97,15 +99,17 @@ def cached_attention(mla: MLA, x: jax.Array, positions: jax.Array, cache: dict):
         cache = {"c_kv": _write(cache["c_kv"], c_kv, positions), "k_rope": _write(cache["k_rope"], k_rope, positions)}
         ckv, kr = cache["c_kv"], cache["k_rope"]  # [b, S, c], [b, S, r]
         q_lat = jnp.einsum("bthn,chn->bthc", q_nope, wkv_b[..., :n])  # [b, t, h, c]
-        scores = (jnp.einsum("bthc,bsc->bhts", q_lat, ckv, preferred_element_type=jnp.float32)
-                  + jnp.einsum("bthr,bsr->bhts", q_rope, kr, preferred_element_type=jnp.float32))
+        scores = jnp.einsum("bthc,bsc->bhts", q_lat, ckv, preferred_element_type=jnp.float32) + jnp.einsum(
+            "bthr,bsr->bhts", q_rope, kr, preferred_element_type=jnp.float32
+        )
     else:
         kv = jnp.einsum("btc,chk->bthk", c_kv, wkv_b)  # [b, t, h, n+v]
         k_new = jnp.concatenate([kv[..., :n], jnp.broadcast_to(k_rope[:, :, None], q_rope.shape)], -1)
         cache = {"k": _write(cache["k"], k_new, positions), "v": _write(cache["v"], kv[..., n:], positions)}
         k = cache["k"]  # [b, S, h, n+r]
-        scores = (jnp.einsum("bthn,bshn->bhts", q_nope, k[..., :n], preferred_element_type=jnp.float32)
-                  + jnp.einsum("bthr,bshr->bhts", q_rope, k[..., n:], preferred_element_type=jnp.float32))
+        scores = jnp.einsum("bthn,bshn->bhts", q_nope, k[..., :n], preferred_element_type=jnp.float32) + jnp.einsum(
+            "bthr,bshr->bhts", q_rope, k[..., n:], preferred_element_type=jnp.float32
+        )
     probs = jax.nn.softmax(jnp.where(mask, scores * cfg.softmax_scale, -1e30), axis=-1).astype(dt)
     if "c_kv" in cache:
         o_lat = jnp.einsum("bhts,bsc->bthc", probs, cache["c_kv"])  # [b, t, h, c]
@@ -191,8 +195,9 @@ def prefill(graphdef, state, tokens, lengths, cache, key, sampling: Sampling | N
 def decode_step(graphdef, state, tokens, positions, cache, key, sampling: Sampling | None = None):
     """One token per row: tokens, positions [b] -> (logits [b, V], next ids [b], cache)."""
     model = nnx.merge(graphdef, state)
-    logits, cache = forward_cached(model, tokens[:, None], positions[:, None],
-                                   jnp.ones_like(tokens[:, None], bool), cache)
+    logits, cache = forward_cached(
+        model, tokens[:, None], positions[:, None], jnp.ones_like(tokens[:, None], bool), cache
+    )
     return logits[:, 0], sampling_lib.sample(logits[:, 0], key, sampling or sampling_lib.make(tokens.shape[0])), cache
 
 
@@ -214,22 +219,32 @@ def check_request(cfg: ModelConfig, prompts, max_new_tokens: int):
         raise ValueError(f"prompt token ids must be in [0, vocab_size={cfg.vocab_size}), got {bad[:5]}")
     longest = max(len(p) for p in prompts)
     if longest + max_new_tokens > cfg.max_seq_len:
-        raise ValueError(f"longest prompt + max_new_tokens = {longest + max_new_tokens} exceeds "
-                         f"model.max_seq_len={cfg.max_seq_len}")
+        raise ValueError(
+            f"longest prompt + max_new_tokens = {longest + max_new_tokens} exceeds model.max_seq_len={cfg.max_seq_len}"
+        )
 
 
 def right_padded(prompts, t: int) -> tuple[np.ndarray, np.ndarray]:
     """Prompts -> (tokens [b, t] int32 right-padded with 0, lengths [b] int32)."""
     tokens = np.zeros((len(prompts), t), np.int32)
     for i, p in enumerate(prompts):
-        tokens[i, :len(p)] = p
+        tokens[i, : len(p)] = p
     return tokens, np.array([len(p) for p in prompts], np.int32)
 
 
-def generate_reference(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-                       temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                       stop_tokens: Sequence[int] = (), seed: int = 0, cache: str = "absorbed",
-                       bucket: int = 16) -> list[list[int]]:
+def generate_reference(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    stop_tokens: Sequence[int] = (),
+    seed: int = 0,
+    cache: str = "absorbed",
+    bucket: int = 16,
+) -> list[list[int]]:
     """New tokens for each prompt (a stop token, when produced, ends its row and is included)."""
     check_request(model.cfg, prompts, max_new_tokens)
     if max_new_tokens == 0:
@@ -241,8 +256,15 @@ def generate_reference(model: Transformer, prompts: Sequence[Sequence[int]], *, 
     sampling = sampling_lib.make(b, temperature, top_k, top_p)
     key = jax.random.key(seed)
     key, sub = jax.random.split(key)
-    _, nxt, kv = prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths),
-                         init_cache(model.cfg, b, total, cache), sub, sampling=sampling)
+    _, nxt, kv = prefill(
+        graphdef,
+        state,
+        jnp.asarray(tokens),
+        jnp.asarray(lengths),
+        init_cache(model.cfg, b, total, cache),
+        sub,
+        sampling=sampling,
+    )
     out, done, pos, stops = [[] for _ in range(b)], np.zeros(b, bool), lengths.copy(), set(stop_tokens)
     for step in range(max_new_tokens):
         ids = np.asarray(nxt)

@@ -38,8 +38,9 @@ def routed_dense(xt, ids, gates, w_gate, w_up, w_down, dt) -> jax.Array:
     combine = jnp.zeros((m, e), jnp.float32).at[jnp.arange(m)[:, None], ids].add(gates)  # [m, e]
     g = jnp.einsum("md,edf->emf", xt, w_gate.astype(dt))  # [e, m, f]
     u = jnp.einsum("md,edf->emf", xt, w_up.astype(dt))  # [e, m, f]
-    y = jnp.einsum("emf,efd->emd", jax.nn.silu(g) * u, w_down.astype(dt),
-                   preferred_element_type=jnp.float32)  # [e, m, d]
+    y = jnp.einsum(
+        "emf,efd->emd", jax.nn.silu(g) * u, w_down.astype(dt), preferred_element_type=jnp.float32
+    )  # [e, m, d]
     return jnp.einsum("emd,me->md", y, combine)
 
 

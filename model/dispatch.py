@@ -46,8 +46,7 @@ def buffer_rows(m: int, k: int, n_experts: int, n_dest: int, capacity: int | Non
     return rows if capacity is None else min(rows, e_local * capacity)
 
 
-def plan(ids: jax.Array, valid: jax.Array, n_experts: int, n_dest: int, capacity: int | None,
-         rows: int) -> Plan:
+def plan(ids: jax.Array, valid: jax.Array, n_experts: int, n_dest: int, capacity: int | None, rows: int) -> Plan:
     """ids [m, k] expert per assignment, valid [m] bool -> Plan (see the module docstring)."""
     mk, e_local = ids.size, n_experts // n_dest
     valid_a = jnp.broadcast_to(valid[:, None], ids.shape).reshape(mk)  # [m*k]

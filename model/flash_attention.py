@@ -70,8 +70,11 @@ def _forward(q, k, v, seg, scale, block):
             pv = jnp.einsum("bhqs,bhsv->bhqv", p.astype(v.dtype), vj, preferred_element_type=jnp.float32)
             return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv
 
-        init = (jnp.full((b, h, block), _MASKED, jnp.float32), jnp.zeros((b, h, block), jnp.float32),
-                jnp.zeros((b, h, block, dv), jnp.float32))
+        init = (
+            jnp.full((b, h, block), _MASKED, jnp.float32),
+            jnp.zeros((b, h, block), jnp.float32),
+            jnp.zeros((b, h, block, dv), jnp.float32),
+        )
         m, l, acc = lax.fori_loop(0, i + 1, k_block, init)  # causal: key blocks j <= i only
         o = lax.dynamic_update_slice_in_dim(o, (acc / l[..., None]).astype(o.dtype), i * block, axis=2)
         lse = lax.dynamic_update_slice_in_dim(lse, m + jnp.log(l), i * block, axis=2)
@@ -138,8 +141,9 @@ def _flash_bwd(scale, block, res, do):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *,
-                    scale: float, block: int = 512) -> jax.Array:
+def flash_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *, scale: float, block: int = 512
+) -> jax.Array:
     """Causal, segment-masked attention: q [b, h, t, k], k [b, h, t, k], v [b, h, t, v],
     segment_ids [b, t] -> o [b, h, t, v]. Blocks of ``block`` rows (capped at t rounded up to 8)."""
     t = q.shape[2]

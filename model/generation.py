@@ -71,13 +71,17 @@ def emit(out: Out, new: jax.Array, lps: jax.Array, avail: jax.Array, stops: jax.
         at = jnp.where(ok, out.n_new, n_max)  # n_max: out of bounds, dropped
         n_new = out.n_new + ok
         stop = jnp.any(new[:, j, None] == stops[None], -1)
-        out = out._replace(tokens=out.tokens.at[rows, at].set(new[:, j], mode="drop"),
-                           logprobs=out.logprobs.at[rows, at].set(lps[:, j], mode="drop"),
-                           n_new=n_new, done=out.done | (ok & stop) | (n_new >= budget))
+        out = out._replace(
+            tokens=out.tokens.at[rows, at].set(new[:, j], mode="drop"),
+            logprobs=out.logprobs.at[rows, at].set(lps[:, j], mode="drop"),
+            n_new=n_new,
+            done=out.done | (ok & stop) | (n_new >= budget),
+        )
     return out
 
 
 # ---- plain decoding: one token per row per step ----
+
 
 def _last_logits(model: Transformer, h: jax.Array, lengths: jax.Array) -> jax.Array:
     """Head on each row's last prompt position only: h [b, T, d] -> [b, V] (never [b, T, V])."""
@@ -88,8 +92,9 @@ def plain_start(model, tokens, lengths, sampling: Sampling, key, total: int, kin
     """Prefill -> (PlainState, first tokens [b], their log-probs [b])."""
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    h, cache = decode.hidden_cached(model, tokens, positions, positions < lengths[:, None],
-                                    decode.init_cache(model.cfg, b, total, kind))
+    h, cache = decode.hidden_cached(
+        model, tokens, positions, positions < lengths[:, None], decode.init_cache(model.cfg, b, total, kind)
+    )
     last = _last_logits(model, h, lengths)
     first = sampling_lib.sample(last, key, sampling)
     return PlainState(cache, first, lengths), first, sampling_lib.logprob(last, first, sampling)
@@ -98,13 +103,20 @@ def plain_start(model, tokens, lengths, sampling: Sampling, key, total: int, kin
 def plain_step(model, st: PlainState, done, sampling: Sampling, key):
     """One token per row -> (state, new [b, 1], log-probs [b, 1], available [b], drafted, accepted)."""
     b = st.tok.shape[0]
-    logits, cache = decode.forward_cached(model, st.tok[:, None], st.pos[:, None], jnp.ones((b, 1), bool),
-                                          st.cache, small_batch=True)
+    logits, cache = decode.forward_cached(
+        model, st.tok[:, None], st.pos[:, None], jnp.ones((b, 1), bool), st.cache, small_batch=True
+    )
     nxt = sampling_lib.sample(logits[:, 0], key, sampling)
     lp = sampling_lib.logprob(logits[:, 0], nxt, sampling)
     zeros = jnp.zeros((b,), jnp.int32)
-    return (PlainState(cache, nxt, jnp.where(done, st.pos, st.pos + 1)),
-            nxt[:, None], lp[:, None], zeros + 1, zeros, zeros)
+    return (
+        PlainState(cache, nxt, jnp.where(done, st.pos, st.pos + 1)),
+        nxt[:, None],
+        lp[:, None],
+        zeros + 1,
+        zeros,
+        zeros,
+    )
 
 
 _METHODS = {False: (plain_start, plain_step), True: (spec.start, spec.step)}
@@ -112,9 +124,22 @@ _METHODS = {False: (plain_start, plain_step), True: (spec.start, spec.step)}
 
 # ---- the compiled driver ----
 
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "total", "kind", "speculative"))
-def start(graphdef, state, tokens, lengths, budget, stops, sampling: Sampling, key, *, total: int,
-          kind: str = "absorbed", speculative: bool = False) -> Loop:
+def start(
+    graphdef,
+    state,
+    tokens,
+    lengths,
+    budget,
+    stops,
+    sampling: Sampling,
+    key,
+    *,
+    total: int,
+    kind: str = "absorbed",
+    speculative: bool = False,
+) -> Loop:
     """Prefill right-padded tokens [b, T] (lengths [b]) into a ``total``-slot cache; the first token
     of each row is produced here. budget [b]: max new tokens per row; stops [n]: stop ids (-1 = none)."""
     model = nnx.merge(graphdef, state)
@@ -129,8 +154,9 @@ def start(graphdef, state, tokens, lengths, budget, stops, sampling: Sampling, k
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "speculative"), donate_argnames=("loop",))
-def advance(graphdef, state, loop: Loop, budget, stops, sampling: Sampling, until, *,
-            speculative: bool = False) -> Loop:
+def advance(
+    graphdef, state, loop: Loop, budget, stops, sampling: Sampling, until, *, speculative: bool = False
+) -> Loop:
     """Decode steps until every row is done or ``until`` steps have run in all (a traced scalar)."""
     step_fn = _METHODS[speculative][1]
 
@@ -155,6 +181,7 @@ def advance(graphdef, state, loop: Loop, budget, stops, sampling: Sampling, unti
 
 # ---- host conveniences ----
 
+
 class Result(NamedTuple):
     tokens: list  # per row: the new token ids (a stop token, when produced, ends the row and is kept)
     logprobs: list  # per row: their log-probabilities
@@ -171,10 +198,22 @@ def stop_array(stop_tokens: Sequence[int]) -> jax.Array:
     return jnp.asarray(list(stop_tokens) + [-1] * (_STOP_SLOTS - len(stop_tokens)), jnp.int32)
 
 
-def generate_details(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_tokens,
-                     temperature=0.0, top_k=0, top_p=1.0, stop_tokens: Sequence[int] = (), seed: int = 0,
-                     cache: str = "absorbed", bucket: int = 16, speculative: bool = False,
-                     stream_every: int = 0, on_tokens: Callable[[list], None] | None = None) -> Result:
+def generate_details(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens,
+    temperature=0.0,
+    top_k=0,
+    top_p=1.0,
+    stop_tokens: Sequence[int] = (),
+    seed: int = 0,
+    cache: str = "absorbed",
+    bucket: int = 16,
+    speculative: bool = False,
+    stream_every: int = 0,
+    on_tokens: Callable[[list], None] | None = None,
+) -> Result:
     """Generate for every prompt in one batch. ``max_new_tokens``, ``temperature``, ``top_k``,
     ``top_p``: one value or one per prompt. ``stream_every`` > 0 with ``on_tokens``: the loop
     returns to the host every that many steps and ``on_tokens(tokens so far, per row)`` is called."""
@@ -192,27 +231,46 @@ def generate_details(model: Transformer, prompts: Sequence[Sequence[int]], *, ma
     tokens, lengths = decode.right_padded(prompts, t)
     graphdef, state = nnx.split(model)
     budget, stops = jnp.asarray(budgets, jnp.int32), stop_array(stop_tokens)
-    loop = start(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths), budget, stops, sampling,
-                 jax.random.key(seed), total=total, kind=cache, speculative=speculative)
+    loop = start(
+        graphdef,
+        state,
+        jnp.asarray(tokens),
+        jnp.asarray(lengths),
+        budget,
+        stops,
+        sampling,
+        jax.random.key(seed),
+        total=total,
+        kind=cache,
+        speculative=speculative,
+    )
     loop.out.n_new.block_until_ready()
     ttft = time.perf_counter() - t0
     chunk = stream_every if (stream_every > 0 and on_tokens is not None) else most
     while True:
-        loop = advance(graphdef, state, loop, budget, stops, sampling, loop.step + max(chunk, 1),
-                       speculative=speculative)
+        loop = advance(
+            graphdef, state, loop, budget, stops, sampling, loop.step + max(chunk, 1), speculative=speculative
+        )
         finished = bool(jnp.all(loop.out.done))
         if chunk < most:
             on_tokens(_rows(loop.out.tokens, loop.out.n_new))
         if finished or chunk >= most:
             break
     out = jax.device_get(loop.out)
-    return Result(_rows(out.tokens, out.n_new), _rows(out.logprobs, out.n_new, float), int(out.drafted.sum()),
-                  int(out.accepted.sum()), int(loop.step), ttft, time.perf_counter() - t0)
+    return Result(
+        _rows(out.tokens, out.n_new),
+        _rows(out.logprobs, out.n_new, float),
+        int(out.drafted.sum()),
+        int(out.accepted.sum()),
+        int(loop.step),
+        ttft,
+        time.perf_counter() - t0,
+    )
 
 
 def _rows(a, n, cast=int) -> list:
     a, n = np.asarray(a), np.asarray(n)
-    return [[cast(x) for x in a[i, :n[i]]] for i in range(a.shape[0])]
+    return [[cast(x) for x in a[i, : n[i]]] for i in range(a.shape[0])]
 
 
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], **kw) -> list[list[int]]:

@@ -52,8 +52,9 @@ def _gmm_scan(lhs, rhs, group_sizes, tile, transpose_rhs, out_dtype):
 
         def visit(out):
             x = jax.lax.dynamic_slice_in_dim(lhs_p, t * tile, tile, 0)  # [tile, k]
-            y = jnp.einsum("mk,nk->mn" if transpose_rhs else "mk,kn->mn", x, rhs[g],
-                           preferred_element_type=jnp.float32)  # [tile, n]
+            y = jnp.einsum(
+                "mk,nk->mn" if transpose_rhs else "mk,kn->mn", x, rhs[g], preferred_element_type=jnp.float32
+            )  # [tile, n]
             y = jnp.where(_rows_of(offsets, g, t, tile)[:, None], y, 0.0)
             cur = jax.lax.dynamic_slice_in_dim(out, t * tile, tile, 0)
             return jax.lax.dynamic_update_slice_in_dim(out, cur + y, t * tile, 0)
@@ -107,8 +108,7 @@ def _gmm_bwd(tile, res, d_out):
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 
-def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, impl: str = "auto",
-        tile: int = 64) -> jax.Array:
+def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, impl: str = "auto", tile: int = 64) -> jax.Array:
     """Grouped matmul [m, k] x [g, k, n] -> [m, n] in lhs.dtype (f32 accumulation); see the module
     docstring. ``tile``: rows per work item of the "scan" backend."""
     group_sizes = group_sizes.astype(jnp.int32)

@@ -60,8 +60,14 @@ class Spec(NamedTuple):
 
 
 def _block_specs(cfg: ModelConfig, pre: str, path: tuple, idx: tuple, moe: bool) -> list[Spec]:
-    d, h, n, r, v, c = (cfg.d_model, cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
-                        cfg.v_head_dim, cfg.kv_lora_rank)
+    d, h, n, r, v, c = (
+        cfg.d_model,
+        cfg.n_heads,
+        cfg.qk_nope_head_dim,
+        cfg.qk_rope_head_dim,
+        cfg.v_head_dim,
+        cfg.kv_lora_rank,
+    )
     out = []
 
     def add(name, sub, shape, transpose=True, extra=()):
@@ -105,9 +111,11 @@ def _block_specs(cfg: ModelConfig, pre: str, path: tuple, idx: tuple, moe: bool)
 def weight_specs(cfg: ModelConfig) -> list[Spec]:
     """Every tensor of the Hugging Face layout, mapped onto our parameters."""
     d, V = cfg.d_model, cfg.vocab_size
-    specs = [Spec("model.embed_tokens.weight", ("embed",), (), (V, d), False),
-             Spec("lm_head.weight", ("head",), (), (V, d), True),
-             Spec("model.norm.weight", ("final_norm", "scale"), (), (d,), False)]
+    specs = [
+        Spec("model.embed_tokens.weight", ("embed",), (), (V, d), False),
+        Spec("lm_head.weight", ("head",), (), (V, d), True),
+        Spec("model.norm.weight", ("final_norm", "scale"), (), (d,), False),
+    ]
     for i in range(cfg.n_layers):
         pre = f"model.layers.{i}"
         if i < cfg.first_k_dense:
@@ -118,10 +126,12 @@ def weight_specs(cfg: ModelConfig) -> list[Spec]:
             specs += _block_specs(cfg, pre, ("moe_blocks", i - cfg.first_k_dense), (), moe=True)
     for k in range(cfg.mtp_depth):
         pre, path = f"model.layers.{cfg.n_layers + k}", ("mtp", k)
-        specs += [Spec(f"{pre}.enorm.weight", path + ("enorm", "scale"), (), (d,), False),
-                  Spec(f"{pre}.hnorm.weight", path + ("hnorm", "scale"), (), (d,), False),
-                  Spec(f"{pre}.eh_proj.weight", path + ("eh_proj",), (), (d, 2 * d), True),
-                  Spec(f"{pre}.shared_head.norm.weight", path + ("norm", "scale"), (), (d,), False)]
+        specs += [
+            Spec(f"{pre}.enorm.weight", path + ("enorm", "scale"), (), (d,), False),
+            Spec(f"{pre}.hnorm.weight", path + ("hnorm", "scale"), (), (d,), False),
+            Spec(f"{pre}.eh_proj.weight", path + ("eh_proj",), (), (d, 2 * d), True),
+            Spec(f"{pre}.shared_head.norm.weight", path + ("norm", "scale"), (), (d,), False),
+        ]
         specs += _block_specs(cfg, pre, path + ("block",), (), moe=cfg.n_moe_layers > 0)
     return specs
 
@@ -151,6 +161,7 @@ class _Shard:
 
     def __init__(self, file: str):
         from safetensors import safe_open
+
         self.file = file
         self.header, self.data_start = _header(file)
         self.header.pop("__metadata__", None)
@@ -216,8 +227,9 @@ def from_pretrained(path: str, *, dtype: Optional[str] = None, **overrides) -> T
     present = sum(any(k.startswith(f"model.layers.{n + j}.") for k in wmap) for j in range(declared))
     cfg = config_from_hf(hf, dtype=dtype, mtp_depth=present, **overrides)
     if present < declared:
-        logging.warning("%s: config declares %d MTP layer(s), weights hold %d; loading %d.",
-                        path, declared, present, present)
+        logging.warning(
+            "%s: config declares %d MTP layer(s), weights hold %d; loading %d.", path, declared, present, present
+        )
     q = hf.get("quantization_config") or {}
     block = tuple(q.get("weight_block_size", (128, 128)))
 
@@ -225,8 +237,9 @@ def from_pretrained(path: str, *, dtype: Optional[str] = None, **overrides) -> T
     if missing_files:
         f = missing_files[0]
         held = sorted(k for k, v in wmap.items() if v == f)
-        raise FileNotFoundError(f"{os.path.join(path, f)} is missing: the index lists it for "
-                                f"{len(held)} tensor(s), e.g. {held[0]!r}")
+        raise FileNotFoundError(
+            f"{os.path.join(path, f)} is missing: the index lists it for {len(held)} tensor(s), e.g. {held[0]!r}"
+        )
 
     abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
@@ -247,9 +260,11 @@ def from_pretrained(path: str, *, dtype: Optional[str] = None, **overrides) -> T
                 copy_vals[key] = (file, shard.get(key))
                 continue
             if key not in specs:
-                raise ValueError(f"{shard.file}: tensor {key!r} has no place in the model "
-                                 f"(config: {cfg.n_layers} layers + {cfg.mtp_depth} MTP, "
-                                 f"first_k_dense={cfg.first_k_dense}); is config.json the right one?")
+                raise ValueError(
+                    f"{shard.file}: tensor {key!r} has no place in the model "
+                    f"(config: {cfg.n_layers} layers + {cfg.mtp_depth} MTP, "
+                    f"first_k_dense={cfg.first_k_dense}); is config.json the right one?"
+                )
             s = specs[key]
             arr = shard.get(key)
             if arr.dtype == ml_dtypes.float8_e4m3fn:
@@ -260,13 +275,14 @@ def from_pretrained(path: str, *, dtype: Optional[str] = None, **overrides) -> T
                 sc = (shard if sfile == file else _Shard(os.path.join(path, sfile))).get(sname)
                 arr = dequantize_fp8(arr, sc, block)
             if tuple(arr.shape) != s.hf_shape:
-                raise ValueError(f"{shard.file}: tensor {key!r} has shape {tuple(arr.shape)}, expected "
-                                 f"{s.hf_shape} from config.json")
+                raise ValueError(
+                    f"{shard.file}: tensor {key!r} has shape {tuple(arr.shape)}, expected {s.hf_shape} from config.json"
+                )
             var = flat[s.path]
             if s.path not in buffers:
                 buffers[s.path] = np.empty(var.shape, jnp.dtype(var.dtype))
             buf = buffers[s.path]
-            slot_shape = buf.shape[len(s.index):]
+            slot_shape = buf.shape[len(s.index) :]
             buf[s.index] = (arr.T if s.transpose else arr).reshape(slot_shape)
             filled.add(key)
             pending[s.path] -= 1
@@ -282,8 +298,9 @@ def from_pretrained(path: str, *, dtype: Optional[str] = None, **overrides) -> T
         ours = np.asarray(done[ref.path], np.float32)
         val = np.asarray(val, np.float32)
         if val.shape != ref.hf_shape or not np.array_equal(val, ours.T if ref.transpose else ours):
-            logging.warning("%s: %s differs from %s; the MTP module shares the main model's, using that.",
-                            file, key, copies[key])
+            logging.warning(
+                "%s: %s differs from %s; the MTP module shares the main model's, using that.", file, key, copies[key]
+            )
     for p, var in flat.items():
         if p not in done:  # not in the checkpoint: RouterBias when unused
             done[p] = jnp.zeros(var.shape, var.dtype)
@@ -314,14 +331,16 @@ def hf_tensors(model: Transformer) -> Iterable[tuple[str, np.ndarray]]:
                     yield copy, np.ascontiguousarray(a)
 
 
-def save_pretrained(model: Transformer, out_dir: str, *, max_shard_bytes: int = 4 << 30,
-                    extra_config: Optional[dict] = None) -> list[str]:
+def save_pretrained(
+    model: Transformer, out_dir: str, *, max_shard_bytes: int = 4 << 30, extra_config: Optional[dict] = None
+) -> list[str]:
     """Write config.json + safetensors (sharded with an index when over ``max_shard_bytes``).
 
     MTP modules are written as ``model.layers.{N + k}.*`` with DeepSeek's names (transformers
     ignores them when loading). Returns the shard file names.
     """
     from safetensors.numpy import save_file
+
     os.makedirs(out_dir, exist_ok=True)
     conf = config_to_hf(model.cfg)
     conf.update(extra_config or {})
@@ -333,8 +352,11 @@ def save_pretrained(model: Transformer, out_dir: str, *, max_shard_bytes: int = 
         cur[name] = a
         size += a.nbytes
     shards.append(cur)
-    files = ["model.safetensors"] if len(shards) == 1 else [
-        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    files = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
     wmap = {}
     for f, tensors in zip(files, shards):
         save_file(tensors, os.path.join(out_dir, f), metadata={"format": "pt"})

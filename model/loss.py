@@ -1,9 +1,9 @@
 """Training losses: next-token cross-entropy and the MTP loss (DeepSeek-V3 report Sec. 2.2, eq. 24-25).
 
-  L_Main = CE(logits, targets) over tokens with loss_mask
-  L_MTP^k = CE(P^k_i, t_{i+k+1}) over positions i whose target t_{i+k+1} = targets[i+k] exists,
-            belongs to the same packed document (segment_ids[i+k] == segment_ids[i]) and is not padding
-  L_MTP  = lambda / D * sum_k L_MTP^k
+L_Main = CE(logits, targets) over tokens with loss_mask
+L_MTP^k = CE(P^k_i, t_{i+k+1}) over positions i whose target t_{i+k+1} = targets[i+k] exists,
+          belongs to the same packed document (segment_ids[i+k] == segment_ids[i]) and is not padding
+L_MTP  = lambda / D * sum_k L_MTP^k
 """
 
 import jax

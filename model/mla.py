@@ -35,8 +35,14 @@ class MLA(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        d, h, c, r, n, v = (cfg.d_model, cfg.n_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
-                            cfg.qk_nope_head_dim, cfg.v_head_dim)
+        d, h, c, r, n, v = (
+            cfg.d_model,
+            cfg.n_heads,
+            cfg.kv_lora_rank,
+            cfg.qk_rope_head_dim,
+            cfg.qk_nope_head_dim,
+            cfg.v_head_dim,
+        )
         pd = cfg.param_dtype
         if cfg.q_lora_rank is None:
             self.wq = linear_param((d, h, n + r), d, pd, ("embed", "heads", "head_dim"), rngs=rngs)
@@ -60,15 +66,15 @@ class MLA(nnx.Module):
         else:
             cq = self.q_norm(jnp.einsum("btd,dq->btq", x, self.wq_a[...].astype(dt)))  # [b, t, q]
             qf = jnp.einsum("btq,qhk->bthk", cq, self.wq_b[...].astype(dt))  # [b, t, h, n+r]
-        q_nope, q_rope = qf[..., :cfg.qk_nope_head_dim], qf[..., cfg.qk_nope_head_dim:]
+        q_nope, q_rope = qf[..., : cfg.qk_nope_head_dim], qf[..., cfg.qk_nope_head_dim :]
         return q_nope, apply_rope(q_rope, cos, sin, interleave=cfg.rope_interleave)
 
     def latents(self, x: jax.Array, cos, sin):
         """Normalised c_KV [b, s, c] and rotated shared k_rope [b, s, r]: what the cache stores."""
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
         ckv = jnp.einsum("bsd,dc->bsc", x.astype(dt), self.wkv_a[...].astype(dt))  # [b, s, c+r]
-        c_kv = self.kv_norm(ckv[..., :cfg.kv_lora_rank])  # [b, s, c]
-        k_rope = apply_rope(ckv[..., cfg.kv_lora_rank:], cos, sin, interleave=cfg.rope_interleave)  # [b, s, r]
+        c_kv = self.kv_norm(ckv[..., : cfg.kv_lora_rank])  # [b, s, c]
+        k_rope = apply_rope(ckv[..., cfg.kv_lora_rank :], cos, sin, interleave=cfg.rope_interleave)  # [b, s, r]
         return c_kv, k_rope
 
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, *, ep=None) -> jax.Array:
@@ -87,6 +93,5 @@ class MLA(nnx.Module):
         k_rope_h = jnp.broadcast_to(k_rope[:, :, None, :], k_rope.shape[:2] + (h, r))
         k = jnp.concatenate([k_nope, k_rope_h], -1).transpose(0, 2, 1, 3)  # [b, h, s, n+r]
         v = v.transpose(0, 2, 1, 3)  # [b, h, s, v]
-        o = attention(q, k, v, segment_ids, scale=cfg.softmax_scale, impl=cfg.attention_impl,
-                      ep=ep)  # [b, h, t, v]
+        o = attention(q, k, v, segment_ids, scale=cfg.softmax_scale, impl=cfg.attention_impl, ep=ep)  # [b, h, t, v]
         return jnp.einsum("bhtv,hvd->btd", o, self.wo[...].astype(dt))

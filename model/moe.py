@@ -77,8 +77,7 @@ def routed(cfg: ModelConfig, capacity_factor, ep, x, valid, w_router, bias, w_ga
         y_buf = y_buf if ep is None else moe_ep.psum_mlp(y_buf, ep)
     y = dispatch.scatter_back(y_buf, p.slot).reshape(m, k, d)  # [m, k, d]
     out = jnp.einsum("mkd,mk->md", y.astype(jnp.float32), r.gates)  # [m, d] f32
-    stats = (*sequence_balance_terms(r.ids.reshape(b, t, k), r.scores.reshape(b, t, e), valid, e),
-             p.dropped, r.load)
+    stats = (*sequence_balance_terms(r.ids.reshape(b, t, k), r.scores.reshape(b, t, e), valid, e), p.dropped, r.load)
     if ep is not None:
         stats = moe_ep.psum_batch(stats, ep)
     loss_sum, rows, dropped, load = stats
@@ -94,18 +93,29 @@ class MoE(nnx.Module):
         self.w_gate = linear_param((e, d, f), d, pd, ("expert", "embed", "expert_mlp"), rngs=rngs)
         self.w_up = linear_param((e, d, f), d, pd, ("expert", "embed", "expert_mlp"), rngs=rngs)
         self.w_down = linear_param((e, f, d), f, pd, ("expert", "expert_mlp", "embed"), rngs=rngs)
-        self.shared = (SwiGLU(d, cfg.n_shared_experts * f, param_dtype=pd, dtype=cfg.dtype, rngs=rngs)
-                       if cfg.n_shared_experts > 0 else None)
+        self.shared = (
+            SwiGLU(d, cfg.n_shared_experts * f, param_dtype=pd, dtype=cfg.dtype, rngs=rngs)
+            if cfg.n_shared_experts > 0
+            else None
+        )
 
-    def __call__(self, x: jax.Array, segment_ids: jax.Array, *, train: bool = False,
-                 ep: moe_ep.ExpertParallel | None = None):
+    def __call__(
+        self, x: jax.Array, segment_ids: jax.Array, *, train: bool = False, ep: moe_ep.ExpertParallel | None = None
+    ):
         """x [b, t, d], segment_ids [b, t] -> (y [b, t, d], aux). ``train``: apply the capacity
         factor; ``ep``: run expert-parallel on that mesh (else on this device)."""
         cfg = self.cfg
         xt = x.astype(jnp.dtype(cfg.dtype))
         body = functools.partial(routed, cfg, cfg.capacity_factor if train else None, ep)
-        args = (xt, segment_ids != 0, self.router.weight[...], self.router.bias[...],
-                self.w_gate[...], self.w_up[...], self.w_down[...])
+        args = (
+            xt,
+            segment_ids != 0,
+            self.router.weight[...],
+            self.router.bias[...],
+            self.w_gate[...],
+            self.w_up[...],
+            self.w_down[...],
+        )
         out, aux = body(*args) if ep is None else moe_ep.shard(body, ep, *args)
         if self.shared is not None:
             out = out + self.shared(xt).astype(jnp.float32)

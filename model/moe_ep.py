@@ -18,7 +18,8 @@ import dataclasses
 import math
 
 import jax
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from model.config import ModelConfig
 from model.dispatch import buffer_rows, expert_capacity
@@ -81,5 +82,6 @@ def shard(fn, ep: ExpertParallel, x, valid, w_router, bias, w_gate, w_up, w_down
     w_in, w_out = P(ep.expert, None, ep.mlp), P(ep.expert, ep.mlp, None)
     # check_vma=False: the grouped matmul's scan carries (mesh-invariant) zeros, which the
     # varying-manual-axes type check rejects; gradients are the same either way.
-    return _shard_map(fn, mesh=ep.mesh, check_vma=False, in_specs=(rows, rows, rep, rep, w_in, w_in, w_out),
-                      out_specs=(rows, rep))(x, valid, w_router, bias, w_gate, w_up, w_down)
+    return _shard_map(
+        fn, mesh=ep.mesh, check_vma=False, in_specs=(rows, rows, rep, rep, w_in, w_in, w_out), out_specs=(rows, rep)
+    )(x, valid, w_router, bias, w_gate, w_up, w_down)

@@ -40,8 +40,9 @@ class MTPModule(nnx.Module):
         cat = jnp.concatenate([self.enorm(emb_ahead), self.hnorm(h_prev)], axis=-1).astype(dt)  # [b, t, 2d]
         return jnp.einsum("btx,xd->btd", cat, self.eh_proj[...].astype(dt))
 
-    def __call__(self, h_prev: jax.Array, emb_ahead: jax.Array, positions, segment_ids, *, train: bool = False,
-                 ep=None):
+    def __call__(
+        self, h_prev: jax.Array, emb_ahead: jax.Array, positions, segment_ids, *, train: bool = False, ep=None
+    ):
         """h_prev, emb_ahead [b, t, d] -> (h [b, t, d], normed h for the head, aux); ``train``, ``ep``:
         see ``MoE.__call__``."""
         h, aux = self.block(self.combine(h_prev, emb_ahead), positions, segment_ids, train=train, ep=ep)

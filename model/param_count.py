@@ -10,6 +10,7 @@ from model.config import ModelConfig
 
 def abstract_model(cfg: ModelConfig):
     from model.transformer import Transformer
+
     return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
 
 
@@ -49,5 +50,4 @@ def count_params(cfg: ModelConfig) -> dict:
     total = sum(comps.values())
     per_expert = 3 * cfg.d_model * cfg.moe_ffn_dim
     inactive = cfg.n_moe_layers * (cfg.n_routed_experts - cfg.n_experts_per_tok) * per_expert
-    return {"components": dict(comps), "total_params": total, "activated_params": total - inactive,
-            "mtp_params": mtp}
+    return {"components": dict(comps), "total_params": total, "activated_params": total - inactive, "mtp_params": mtp}

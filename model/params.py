@@ -13,8 +13,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 
-def param(init: Callable, shape: Sequence[int], dtype, axes: Sequence[Optional[str]], *,
-          rngs: Optional[nnx.Rngs], stddev: Optional[float] = None) -> nnx.Param:
+def param(
+    init: Callable,
+    shape: Sequence[int],
+    dtype,
+    axes: Sequence[Optional[str]],
+    *,
+    rngs: Optional[nnx.Rngs],
+    stddev: Optional[float] = None,
+) -> nnx.Param:
     """Create an ``nnx.Param`` of ``shape`` with logical ``axes`` metadata."""
     assert len(axes) == len(shape), (shape, axes)
     key = rngs.params() if rngs is not None else jax.random.key(0)
@@ -27,4 +34,4 @@ def param(init: Callable, shape: Sequence[int], dtype, axes: Sequence[Optional[s
 
 def linear_param(shape: Sequence[int], fan_in: int, dtype, axes, *, rngs: nnx.Rngs) -> nnx.Param:
     """A weight initialised N(0, 1/fan_in)."""
-    return param(None, shape, dtype, axes, rngs=rngs, stddev=fan_in ** -0.5)
+    return param(None, shape, dtype, axes, rngs=rngs, stddev=fan_in**-0.5)

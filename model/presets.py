@@ -23,34 +23,90 @@ def moe_tiny() -> ModelConfig:
 def small() -> ModelConfig:
     """About 100M total parameters (~30M activated): a first real experiment on one accelerator."""
     return ModelConfig(
-        vocab_size=264, d_model=512, n_layers=8, first_k_dense=1, dense_ffn_dim=1536,
-        n_heads=8, q_lora_rank=192, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32,
-        v_head_dim=64, n_routed_experts=32, n_shared_experts=1, n_experts_per_tok=4,
-        moe_ffn_dim=256, n_group=4, topk_group=2, mtp_depth=1, max_seq_len=4096)
+        vocab_size=264,
+        d_model=512,
+        n_layers=8,
+        first_k_dense=1,
+        dense_ffn_dim=1536,
+        n_heads=8,
+        q_lora_rank=192,
+        kv_lora_rank=128,
+        qk_nope_head_dim=64,
+        qk_rope_head_dim=32,
+        v_head_dim=64,
+        n_routed_experts=32,
+        n_shared_experts=1,
+        n_experts_per_tok=4,
+        moe_ffn_dim=256,
+        n_group=4,
+        topk_group=2,
+        mtp_depth=1,
+        max_seq_len=4096,
+    )
 
 
 def deepseek_v2_lite() -> ModelConfig:
     """DeepSeek-V2-Lite (15.7B total, 2.4B activated; DeepSeek-V2 report, Appendix B)."""
     return ModelConfig(
-        vocab_size=102400, d_model=2048, n_layers=27, first_k_dense=1, dense_ffn_dim=10944,
-        n_heads=16, q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
-        v_head_dim=128, n_routed_experts=64, n_shared_experts=2, n_experts_per_tok=6,
-        moe_ffn_dim=1408, score_fn="softmax", n_group=1, topk_group=1, norm_topk_prob=False,
-        routed_scaling_factor=1.0, use_aux_free_bias=False, mtp_depth=0, max_seq_len=163840,
+        vocab_size=102400,
+        d_model=2048,
+        n_layers=27,
+        first_k_dense=1,
+        dense_ffn_dim=10944,
+        n_heads=16,
+        q_lora_rank=None,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        n_routed_experts=64,
+        n_shared_experts=2,
+        n_experts_per_tok=6,
+        moe_ffn_dim=1408,
+        score_fn="softmax",
+        n_group=1,
+        topk_group=1,
+        norm_topk_prob=False,
+        routed_scaling_factor=1.0,
+        use_aux_free_bias=False,
+        mtp_depth=0,
+        max_seq_len=163840,
         yarn=YarnConfig(mscale=0.707, mscale_all_dim=0.707, **_DEEPSEEK_YARN),
-        dtype="bfloat16", scan_layers=True)
+        dtype="bfloat16",
+        scan_layers=True,
+    )
 
 
 def deepseek_v3_671b() -> ModelConfig:
     """DeepSeek-V3 / R1 (671B total, 37B activated, one MTP module; DeepSeek-V3 report Sec. 4.2)."""
     return ModelConfig(
-        vocab_size=129280, d_model=7168, n_layers=61, first_k_dense=3, dense_ffn_dim=18432,
-        n_heads=128, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
-        v_head_dim=128, n_routed_experts=256, n_shared_experts=1, n_experts_per_tok=8,
-        moe_ffn_dim=2048, score_fn="sigmoid", n_group=8, topk_group=4, norm_topk_prob=True,
-        routed_scaling_factor=2.5, mtp_depth=1, max_seq_len=163840,
+        vocab_size=129280,
+        d_model=7168,
+        n_layers=61,
+        first_k_dense=3,
+        dense_ffn_dim=18432,
+        n_heads=128,
+        q_lora_rank=1536,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        n_routed_experts=256,
+        n_shared_experts=1,
+        n_experts_per_tok=8,
+        moe_ffn_dim=2048,
+        score_fn="sigmoid",
+        n_group=8,
+        topk_group=4,
+        norm_topk_prob=True,
+        routed_scaling_factor=2.5,
+        mtp_depth=1,
+        max_seq_len=163840,
         yarn=YarnConfig(mscale=1.0, mscale_all_dim=1.0, **_DEEPSEEK_YARN),
-        dtype="bfloat16", scan_layers=True, remat="full")
+        dtype="bfloat16",
+        scan_layers=True,
+        remat="full",
+    )
 
 
 PRESETS = {f.__name__: f for f in (moe_tiny, small, deepseek_v2_lite, deepseek_v3_671b)}

@@ -43,9 +43,16 @@ class Routing(NamedTuple):
 
 
 def router_config(cfg: ModelConfig) -> RouterConfig:
-    return RouterConfig(num_experts=cfg.n_routed_experts, top_k=cfg.n_experts_per_tok, score_fn=cfg.score_fn,
-                        n_group=cfg.n_group, topk_group=cfg.topk_group, group_score=cfg.group_score,
-                        norm_topk_prob=cfg.norm_topk_prob, routed_scaling_factor=cfg.routed_scaling_factor)
+    return RouterConfig(
+        num_experts=cfg.n_routed_experts,
+        top_k=cfg.n_experts_per_tok,
+        score_fn=cfg.score_fn,
+        n_group=cfg.n_group,
+        topk_group=cfg.topk_group,
+        group_score=cfg.group_score,
+        norm_topk_prob=cfg.norm_topk_prob,
+        routed_scaling_factor=cfg.routed_scaling_factor,
+    )
 
 
 def route(logits: jax.Array, bias: jax.Array, cfg: ModelConfig, valid: jax.Array | None = None) -> Routing:
@@ -66,7 +73,9 @@ class Router(nnx.Module):
         self.cfg = cfg
         e = cfg.n_routed_experts
         # Centroids kept in f32 whatever the param dtype: routing decisions are precision-sensitive.
-        self.weight = linear_param((cfg.d_model, e), cfg.d_model, jnp.float32, ("embed", "expert_replicated"), rngs=rngs)
+        self.weight = linear_param(
+            (cfg.d_model, e), cfg.d_model, jnp.float32, ("embed", "expert_replicated"), rngs=rngs
+        )
         self.bias = RouterBias(jnp.zeros((e,), jnp.float32))
 
     def __call__(self, x: jax.Array, valid: jax.Array) -> Routing:

@@ -29,8 +29,10 @@ class Sampling(NamedTuple):
 
 def make(batch: int, temperature=0.0, top_k=0, top_p=1.0) -> Sampling:
     """Per-row settings [b] from host scalars or sequences (checked here: one-line errors)."""
-    t, k, p = (np.broadcast_to(np.asarray(x, dt), (batch,))
-               for x, dt in ((temperature, np.float32), (top_k, np.int32), (top_p, np.float32)))
+    t, k, p = (
+        np.broadcast_to(np.asarray(x, dt), (batch,))
+        for x, dt in ((temperature, np.float32), (top_k, np.int32), (top_p, np.float32))
+    )
     for name, v, ok in (("temperature", t, t >= 0), ("top_k", k, k >= 0), ("top_p", p, (p > 0) & (p <= 1))):
         if not ok.all():
             raise ValueError(f"{name} out of range: {v.tolist()} (temperature >= 0, top_k >= 0, 0 < top_p <= 1)")
@@ -67,8 +69,10 @@ def sample(logits: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
 
 def categorical_or_argmax(key, log_weights: jax.Array, sampled: jax.Array, greedy: jax.Array) -> jax.Array:
     """Row i: a draw from softmax(log_weights[i]) where sampled[i], else greedy[i]. [b, V] -> [b] int32."""
+
     def draw(_):
         return jnp.where(sampled, jax.random.categorical(key, log_weights, -1), greedy)
+
     return jax.lax.cond(jnp.any(sampled), draw, lambda _: greedy, None).astype(jnp.int32)
 
 

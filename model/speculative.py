@@ -76,8 +76,7 @@ def accept_or_resample(p: jax.Array, q: jax.Array, draft: jax.Array, greedy: jax
     accepted = jax.random.uniform(k_u, draft.shape) * q_d < p_d  # u < p(d) / q(d); q(d) > 0
     residual = jnp.maximum(p - q, 0.0)  # [b, V]; all zero only if p == q, when every draft is accepted
     # greedy rows: the residual of two one-hots is p's one-hot, i.e. its argmax
-    resampled = sampling_lib.categorical_or_argmax(k_res, jnp.log(residual), ~greedy & ~accepted,
-                                                   jnp.argmax(p, -1))
+    resampled = sampling_lib.categorical_or_argmax(k_res, jnp.log(residual), ~greedy & ~accepted, jnp.argmax(p, -1))
     return jnp.where(accepted, draft, resampled), accepted
 
 
@@ -88,15 +87,18 @@ def step(model, st: SpecState, done, sampling: Sampling, key):
     k_acc, k_bonus, k_draft = jax.random.split(key, 3)
     positions = st.pos[:, None] + jnp.arange(2, dtype=jnp.int32)  # [b, 2]
     valid = jnp.ones((b, 2), bool)
-    h, caches = decode.hidden_cached(model, jnp.stack([st.tok, st.draft], 1), positions, valid, st.cache,
-                                     small_batch=True)  # [b, 2, d]
+    h, caches = decode.hidden_cached(
+        model, jnp.stack([st.tok, st.draft], 1), positions, valid, st.cache, small_batch=True
+    )  # [b, 2, d]
     logits = model.logits_from(h)  # [b, 2, V]
-    x1, accepted = accept_or_resample(sampling_lib.probs(logits[:, 0], sampling), st.q, st.draft,
-                                      sampling.temperature <= 0, k_acc)
+    x1, accepted = accept_or_resample(
+        sampling_lib.probs(logits[:, 0], sampling), st.q, st.draft, sampling.temperature <= 0, k_acc
+    )
     x2 = sampling_lib.sample(logits[:, 1], k_bonus, sampling)  # s_{p+2}: used only if accepted
     new = jnp.stack([x1, x2], 1)  # [b, 2]
-    lps = jnp.stack([sampling_lib.logprob(logits[:, 0], x1, sampling),
-                     sampling_lib.logprob(logits[:, 1], x2, sampling)], 1)
+    lps = jnp.stack(
+        [sampling_lib.logprob(logits[:, 0], x1, sampling), sampling_lib.logprob(logits[:, 1], x2, sampling)], 1
+    )
     h_mtp, mtp_cache = decode.mtp_cached(model, h, new, positions, valid, st.mtp_cache, small_batch=True)
     draft, q = _draft(model, jnp.where(accepted[:, None], h_mtp[:, 1], h_mtp[:, 0]), sampling, k_draft)
     tok = jnp.where(accepted, x2, x1)

@@ -49,15 +49,17 @@ class Transformer(nnx.Module):
         self.dense_blocks = nnx.List([Block(cfg, moe=False, rngs=rngs) for _ in range(cfg.first_k_dense)])
         n_moe = cfg.n_moe_layers
         if cfg.scan_layers and n_moe > 0:
+
             @nnx.split_rngs(splits=n_moe)
             @nnx.vmap(in_axes=(0,), out_axes=0)
             def make(r):
                 return Block(cfg, moe=True, rngs=r)
+
             self.moe_blocks = make(rngs)
         else:
             self.moe_blocks = nnx.List([Block(cfg, moe=True, rngs=rngs) for _ in range(n_moe)])
         self.final_norm = RMSNorm(d, eps=cfg.rms_eps, param_dtype=pd)
-        self.head = param(None, (d, v), pd, ("embed", "vocab"), rngs=rngs, stddev=d ** -0.5)
+        self.head = param(None, (d, v), pd, ("embed", "vocab"), rngs=rngs, stddev=d**-0.5)
         self.mtp = nnx.List([MTPModule(cfg, rngs=rngs) for _ in range(cfg.mtp_depth)])
 
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
@@ -65,8 +67,9 @@ class Transformer(nnx.Module):
 
     def logits_from(self, h_normed: jax.Array) -> jax.Array:
         dt = jnp.dtype(self.cfg.dtype)
-        return jnp.einsum("btd,dv->btv", h_normed.astype(dt), self.head[...].astype(dt),
-                          preferred_element_type=jnp.float32)
+        return jnp.einsum(
+            "btd,dv->btv", h_normed.astype(dt), self.head[...].astype(dt), preferred_element_type=jnp.float32
+        )
 
     def run_blocks(self, x, positions, segment_ids, train: bool = False, ep=None):
         """Main-model blocks: x [b, t, d] -> (x, aux)."""
@@ -76,9 +79,11 @@ class Transformer(nnx.Module):
             x, a = _call_block(blk, x, positions, segment_ids, cfg.remat, train, ep)
             aux = add_aux(aux, a)
         if cfg.scan_layers and isinstance(self.moe_blocks, Block):
+
             @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
             def body(x, blk):
                 return _call_block(blk, x, positions, segment_ids, cfg.remat, train, ep)
+
             x, stacked = body(x, self.moe_blocks)
             stacked["expert_load"] = stacked["expert_load"].reshape(-1, cfg.n_routed_experts)  # [l, e]
             aux = add_aux(aux, {k: v if k == "expert_load" else v.sum(0) for k, v in stacked.items()})
@@ -88,8 +93,15 @@ class Transformer(nnx.Module):
                 aux = add_aux(aux, a)
         return x, aux
 
-    def __call__(self, inputs: jax.Array, positions: Optional[jax.Array] = None,
-                 segment_ids: Optional[jax.Array] = None, *, train: bool = False, ep=None) -> ModelOutput:
+    def __call__(
+        self,
+        inputs: jax.Array,
+        positions: Optional[jax.Array] = None,
+        segment_ids: Optional[jax.Array] = None,
+        *,
+        train: bool = False,
+        ep=None,
+    ) -> ModelOutput:
         """inputs [b, t] int token ids; positions, segment_ids [b, t] (default: one unpacked sequence).
 
         ``train=True``: training-time execution choices (the MoE capacity factor); evaluation and

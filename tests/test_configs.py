@@ -12,8 +12,11 @@ from model.param_count import count_params
 from train.optimizer import make_optimizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "*.py")) if not os.path.basename(p).startswith("_")
-                 and os.path.basename(p) != "base.py")
+CONFIGS = sorted(
+    p
+    for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
+    if not os.path.basename(p).startswith("_") and os.path.basename(p) != "base.py"
+)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
@@ -52,7 +55,7 @@ def test_pretraining_recipes_use_plain_rope(name):
 
     cfg = ModelConfig.from_dict(load_config_file(os.path.join(ROOT, "configs", name)).model.to_dict())
     assert cfg.yarn is None
-    assert cfg.softmax_scale == cfg.qk_head_dim ** -0.5
+    assert cfg.softmax_scale == cfg.qk_head_dim**-0.5
     released = presets.deepseek_v3_671b()
     assert released.yarn is not None and released.yarn.factor == 40.0
-    assert released.softmax_scale > 1.8 * released.qk_head_dim ** -0.5  # YaRN's mscale^2 ~ 1.87
+    assert released.softmax_scale > 1.8 * released.qk_head_dim**-0.5  # YaRN's mscale^2 ~ 1.87

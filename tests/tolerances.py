@@ -1,7 +1,7 @@
 """One dtype-aware tolerance helper for every reference comparison."""
 
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 
 # (rtol, atol) per dtype: 1e-5 for simple f32 modules; composite modules pass composite=True.
 _TOL = {
@@ -19,5 +19,6 @@ def tol(dtype, composite: bool = False):
 
 
 def assert_close(actual, expected, dtype=jnp.float32, composite: bool = False, err_msg: str = ""):
-    np.testing.assert_allclose(np.asarray(actual, np.float32), np.asarray(expected, np.float32),
-                               err_msg=err_msg, **tol(dtype, composite))
+    np.testing.assert_allclose(
+        np.asarray(actual, np.float32), np.asarray(expected, np.float32), err_msg=err_msg, **tol(dtype, composite)
+    )

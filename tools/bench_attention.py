@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from model.attention import attention, resolve_impl
 
-_NAIVE_MAX_BYTES = 8 * 2 ** 30  # skip the reference when its f32 scores alone would exceed this
+_NAIVE_MAX_BYTES = 8 * 2**30  # skip the reference when its f32 scores alone would exceed this
 
 
 def _grad_fn(impl, scale):
@@ -59,8 +59,8 @@ def main():
         k = jax.random.normal(ks[1], (b, h, t, a.qk_dim), dtype)
         v = jax.random.normal(ks[2], (b, h, t, a.v_dim), dtype)
         g = jax.random.normal(ks[3], (b, h, t, a.v_dim), jnp.float32)
-        seg = jnp.ones((b, t), jnp.int32).at[:, t // 2:].set(2)  # two packed documents per row
-        args, scale = (q, k, v, seg, g), a.qk_dim ** -0.5
+        seg = jnp.ones((b, t), jnp.int32).at[:, t // 2 :].set(2)  # two packed documents per row
+        args, scale = (q, k, v, seg, g), a.qk_dim**-0.5
         impls = ["naive", "xla"] + {"tpu": ["splash"], "gpu": ["cudnn"]}.get(backend, [])
         ref = None
         if 3 * b * h * t * t * 4 <= _NAIVE_MAX_BYTES:
@@ -74,13 +74,23 @@ def main():
                 print(json.dumps({"seq": t, "impl": impl, "skipped": str(e)}), flush=True)
                 continue
             fn = _grad_fn(impl, scale)
-            line = {"seq": t, "impl": impl, "backend": backend, "device": kind, "dtype": dtype.name,
-                    "batch": b, "heads": h, "ms_fwd_bwd": round(1e3 * _time(fn, args, a.reps), 2)}
+            line = {
+                "seq": t,
+                "impl": impl,
+                "backend": backend,
+                "device": kind,
+                "dtype": dtype.name,
+                "batch": b,
+                "heads": h,
+                "ms_fwd_bwd": round(1e3 * _time(fn, args, a.reps), 2),
+            }
             if ref is not None and impl != "naive":
                 out = fn(*args)
                 line["loss_rel_diff"] = float(jnp.abs(out[0] - ref[0]) / max(1.0, abs(float(ref[0]))))
-                line["max_abs_diff_grads"] = [float(jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32))))
-                                              for x, y in zip(out[1], ref[1])]
+                line["max_abs_diff_grads"] = [
+                    float(jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32))))
+                    for x, y in zip(out[1], ref[1])
+                ]
             print(json.dumps(line), flush=True)
 
 

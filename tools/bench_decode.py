@@ -40,15 +40,38 @@ from model.transformer import Transformer
 
 
 def issue_shape(dtype: str = "float32") -> ModelConfig:
-    return ModelConfig(vocab_size=8192, d_model=512, n_layers=4, first_k_dense=1, dense_ffn_dim=1536, n_heads=8,
-                       q_lora_rank=256, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
-                       n_routed_experts=16, n_shared_experts=1, n_experts_per_tok=4, moe_ffn_dim=256, n_group=4,
-                       topk_group=2, mtp_depth=1, max_seq_len=4096, param_dtype=dtype, dtype=dtype)
+    return ModelConfig(
+        vocab_size=8192,
+        d_model=512,
+        n_layers=4,
+        first_k_dense=1,
+        dense_ffn_dim=1536,
+        n_heads=8,
+        q_lora_rank=256,
+        kv_lora_rank=128,
+        qk_nope_head_dim=64,
+        qk_rope_head_dim=32,
+        v_head_dim=64,
+        n_routed_experts=16,
+        n_shared_experts=1,
+        n_experts_per_tok=4,
+        moe_ffn_dim=256,
+        n_group=4,
+        topk_group=2,
+        mtp_depth=1,
+        max_seq_len=4096,
+        param_dtype=dtype,
+        dtype=dtype,
+    )
 
 
 def env() -> dict:
-    return {"backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind), "host_cpus": os.cpu_count(),
-            "jax": jax.__version__}
+    return {
+        "backend": jax.default_backend(),
+        "device": str(jax.devices()[0].device_kind),
+        "host_cpus": os.cpu_count(),
+        "jax": jax.__version__,
+    }
 
 
 def copy_bandwidth(n_bytes: int) -> float:
@@ -93,6 +116,7 @@ def _prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list:
 
 # ---- transformers on the same weights ----
 
+
 def hf_generator(model: Transformer, dtype: str):
     """(generate(prompts, new) -> token lists, device name): transformers' model with our weights."""
     import tempfile
@@ -113,16 +137,23 @@ def hf_generator(model: Transformer, dtype: str):
             torch.set_num_threads(threads)
         ids = torch.tensor(prompts, device=device)
         with torch.no_grad():
-            out = m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
-                             do_sample=False, pad_token_id=0)
+            out = m.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+                pad_token_id=0,
+            )
         if device == "cuda":
             torch.cuda.synchronize()
-        return out[:, ids.shape[1]:].tolist()
+        return out[:, ids.shape[1] :].tolist()
 
     return gen, device
 
 
 # ---- modes ----
+
 
 def table(args):
     model = Transformer(issue_shape(args.dtype), rngs=nnx.Rngs(0))
@@ -147,10 +178,18 @@ def table(args):
                 secs[name].append(time.perf_counter() - t0)
         for name in methods:
             same = np.mean([a == r for a, r in zip(np.ravel(outs[name]), np.ravel(outs["old_loop"]))])
-            row = {"mode": "table", "method": name, "batch": b, "prompt": 64, "new": args.new, "dtype": args.dtype,
-                   "tokens_per_s": [round(b * args.new / s, 1) for s in secs[name]],
-                   "median_tokens_per_s": round(b * args.new / statistics.median(secs[name]), 1),
-                   "same_greedy_tokens_as_old_loop": round(float(same), 4), **env()}
+            row = {
+                "mode": "table",
+                "method": name,
+                "batch": b,
+                "prompt": 64,
+                "new": args.new,
+                "dtype": args.dtype,
+                "tokens_per_s": [round(b * args.new / s, 1) for s in secs[name]],
+                "median_tokens_per_s": round(b * args.new / statistics.median(secs[name]), 1),
+                "same_greedy_tokens_as_old_loop": round(float(same), 4),
+                **env(),
+            }
             if name.startswith("transformers"):
                 row["torch_device"] = hf_device
             rows.append(row)
@@ -161,9 +200,17 @@ def table(args):
         r = [generation.generate_details(model, prompts, max_new_tokens=args.new) for _ in range(2)][-1]
         s = (r.seconds - r.ttft_s) / r.steps
         nbytes = step_bytes(model, 1, 64 + args.new // 2, False)
-        row = {"mode": "bandwidth", "batch": 1, "dtype": args.dtype, "step_bytes": nbytes, "ms_per_step": round(1e3 * s, 4),
-               "achieved_GBps": round(nbytes / s / 1e9, 2), "copy_GBps": round(bw / 1e9, 1),
-               "fraction_of_copy": round(nbytes / s / bw, 4), **env()}
+        row = {
+            "mode": "bandwidth",
+            "batch": 1,
+            "dtype": args.dtype,
+            "step_bytes": nbytes,
+            "ms_per_step": round(1e3 * s, 4),
+            "achieved_GBps": round(nbytes / s / 1e9, 2),
+            "copy_GBps": round(bw / 1e9, 1),
+            "fraction_of_copy": round(nbytes / s / bw, 4),
+            **env(),
+        }
         if args.peak_gbps:
             row["fraction_of_peak"] = round(nbytes / s / 1e9 / args.peak_gbps, 4)
         print(json.dumps(row), flush=True)
@@ -187,20 +234,44 @@ def sweep(args):
                 n = sum(len(x) for x in r.tokens) - b  # tokens after the prefill's first
                 ms_step = 1e3 * decode_s / max(r.steps, 1)
                 nbytes = step_bytes(model, b, t + args.new // 2, spec)
-                print(json.dumps({
-                    "mode": "sweep", "method": "speculative" if spec else "new_loop", "cache": kind, "batch": b,
-                    "prompt": t,
-                    "new": args.new, "dtype": args.dtype, "decode_tokens_per_s": round(n / decode_s, 1),
-                    "ms_per_step": round(ms_step, 3), "ms_per_token": round(1e3 * decode_s / n * b, 3),
-                    "tokens_per_step_per_row": round(n / b / max(r.steps, 1), 3), "prefill_s": round(r.ttft_s, 3),
-                    "step_bytes": nbytes, "bound_ms_per_step": round(1e3 * nbytes / bw, 3),
-                    "fraction_of_bound": round(1e3 * nbytes / bw / ms_step, 3),
-                    "acceptance": round(r.accepted / r.drafted, 3) if r.drafted else None, **env()}), flush=True)
+                print(
+                    json.dumps(
+                        {
+                            "mode": "sweep",
+                            "method": "speculative" if spec else "new_loop",
+                            "cache": kind,
+                            "batch": b,
+                            "prompt": t,
+                            "new": args.new,
+                            "dtype": args.dtype,
+                            "decode_tokens_per_s": round(n / decode_s, 1),
+                            "ms_per_step": round(ms_step, 3),
+                            "ms_per_token": round(1e3 * decode_s / n * b, 3),
+                            "tokens_per_step_per_row": round(n / b / max(r.steps, 1), 3),
+                            "prefill_s": round(r.ttft_s, 3),
+                            "step_bytes": nbytes,
+                            "bound_ms_per_step": round(1e3 * nbytes / bw, 3),
+                            "fraction_of_bound": round(1e3 * nbytes / bw / ms_step, 3),
+                            "acceptance": round(r.accepted / r.drafted, 3) if r.drafted else None,
+                            **env(),
+                        }
+                    ),
+                    flush=True,
+                )
     v3 = presets.deepseek_v3_671b()
     for kind in decode.KINDS:  # from the config, nothing allocated
         per_tok = decode.cache_bytes_per_token(v3, kind)
-        print(json.dumps({"preset": "deepseek_v3_671b", "cache": kind, "dtype": v3.dtype, "cache_bytes_per_token": per_tok,
-                          "GiB_per_128k_token_sequence": per_tok * 131072 / 2 ** 30}))
+        print(
+            json.dumps(
+                {
+                    "preset": "deepseek_v3_671b",
+                    "cache": kind,
+                    "dtype": v3.dtype,
+                    "cache_bytes_per_token": per_tok,
+                    "GiB_per_128k_token_sequence": per_tok * 131072 / 2**30,
+                }
+            )
+        )
 
 
 def acceptance(args):
@@ -217,7 +288,7 @@ def acceptance(args):
         ids = [int(x) for x in tok.encode(docs[i])]
         if len(ids) >= args.prompt + args.new:
             at = rng.randint(0, len(ids) - args.prompt - args.new + 1)
-            prompts.append([tok.bos_id] + ids[at:at + args.prompt])
+            prompts.append([tok.bos_id] + ids[at : at + args.prompt])
         if len(prompts) == args.rows:
             break
     for temperature in (0.0, 1.0):
@@ -230,12 +301,25 @@ def acceptance(args):
                 runs[spec].append(generation.generate_details(model, prompts, speculative=spec, **kw))
         r = runs[True][-1]
         tps = {s: [round(sum(len(x) for x in q.tokens) / q.seconds, 1) for q in runs[s]] for s in runs}
-        print(json.dumps({"mode": "acceptance", "ckpt": args.ckpt, "held_out_prompts": len(prompts),
-                          "prompt": args.prompt + 1, "new": args.new, "temperature": temperature,
-                          "acceptance": round(r.accepted / r.drafted, 4), "drafted": r.drafted,
-                          "tokens_per_verify_step": round(1 + r.accepted / r.drafted, 3),
-                          "plain_tokens_per_s": tps[False], "speculative_tokens_per_s": tps[True],
-                          **env()}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "mode": "acceptance",
+                    "ckpt": args.ckpt,
+                    "held_out_prompts": len(prompts),
+                    "prompt": args.prompt + 1,
+                    "new": args.new,
+                    "temperature": temperature,
+                    "acceptance": round(r.accepted / r.drafted, 4),
+                    "drafted": r.drafted,
+                    "tokens_per_verify_step": round(1 + r.accepted / r.drafted, 3),
+                    "plain_tokens_per_s": tps[False],
+                    "speculative_tokens_per_s": tps[True],
+                    **env(),
+                }
+            ),
+            flush=True,
+        )
 
 
 def main(argv=None):

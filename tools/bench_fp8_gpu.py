@@ -67,8 +67,7 @@ def fp8_kbatched(xq, sx, wq, sw):
     kb = k // BLOCK
     xb = xq.reshape(m, kb, BLOCK)  # [m, kb, 128]
     wb = wq.reshape(kb, BLOCK, n)  # [kb, 128, n]
-    part = lax.dot_general(xb, wb, (((2,), (1,)), ((1,), (0,))),
-                           preferred_element_type=jnp.float32)  # [kb, m, n]
+    part = lax.dot_general(xb, wb, (((2,), (1,)), ((1,), (0,))), preferred_element_type=jnp.float32)  # [kb, m, n]
     swn = jnp.repeat(sw, BLOCK, axis=1)  # [kb, n]
     return jnp.einsum("bmn,mb,bn->mn", part, sx, swn).astype(jnp.bfloat16)  # [m, n]
 
@@ -77,17 +76,19 @@ def fp8_kloop(xq, sx, wq, sw):
     acc = jnp.zeros((xq.shape[0], wq.shape[1]), jnp.float32)  # [m, n]
     for b in range(xq.shape[1] // BLOCK):
         ks = slice(b * BLOCK, (b + 1) * BLOCK)
-        part = lax.dot_general(xq[:, ks], wq[ks], (((1,), (0,)), ((), ())),
-                               preferred_element_type=jnp.float32)  # [m, n]
-        acc = acc + part * sx[:, b:b + 1] * jnp.repeat(sw[b], BLOCK)[None, :]
+        part = lax.dot_general(
+            xq[:, ks], wq[ks], (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
+        )  # [m, n]
+        acc = acc + part * sx[:, b : b + 1] * jnp.repeat(sw[b], BLOCK)[None, :]
     return acc.astype(jnp.bfloat16)
 
 
 def _triton_kernel(x_ref, sx_ref, w_ref, sw_ref, o_ref, *, n_kblocks):
     def body(b, acc):
         ks = pl.ds(pl.multiple_of(b * BLOCK, BLOCK), BLOCK)
-        part = lax.dot_general(x_ref[:, ks], w_ref[ks, :], (((1,), (0,)), ((), ())),
-                               preferred_element_type=jnp.float32)  # [bm, bn]
+        part = lax.dot_general(
+            x_ref[:, ks], w_ref[ks, :], (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
+        )  # [bm, bn]
         scale = sx_ref[:, pl.ds(b, 1)] * sw_ref[pl.ds(b, 1), :]  # [bm, 1] * [1, 1]
         return acc + part * scale
 
@@ -128,8 +129,7 @@ def main():
     backend = jax.default_backend()
     small = backend == "cpu" if args.small is None else args.small
     # DeepSeek-V3: expert up/gate (d 7168 -> 2048), expert down (2048 -> 7168), q_b (1536 -> 24576).
-    shapes = [(256, 256, 256)] if small else [(8192, 7168, 2048), (8192, 2048, 7168),
-                                               (8192, 1536, 24576)]
+    shapes = [(256, 256, 256)] if small else [(8192, 7168, 2048), (8192, 2048, 7168), (8192, 1536, 24576)]
     interpret = backend != "gpu"
     for m, k, n in shapes:
         kx, kw_ = jax.random.split(jax.random.key(m + k + n))
@@ -137,9 +137,14 @@ def main():
         w = (0.02 * jax.random.normal(kw_, (k, n), jnp.float32)).astype(jnp.bfloat16)
         xq, sx = reference.quantize_reference(x, 1)  # [m, k] e4m3, [m, k/128]
         wq, sw = reference.quantize_reference(w, BLOCK)  # [k, n] e4m3, [k/128, n/128]
-        ref = np.asarray(jnp.dot(reference.dequantize_reference(xq, sx, 1),
-                                 reference.dequantize_reference(wq, sw, BLOCK),
-                                 precision=lax.Precision.HIGHEST), np.float64)
+        ref = np.asarray(
+            jnp.dot(
+                reference.dequantize_reference(xq, sx, 1),
+                reference.dequantize_reference(wq, sw, BLOCK),
+                precision=lax.Precision.HIGHEST,
+            ),
+            np.float64,
+        )
         shape = dict(m=m, k=k, n=n)
         flops = 2 * m * k * n
 
@@ -148,39 +153,64 @@ def main():
         def emit(name, ms, out, against=ref, **extra):
             out = np.asarray(out.astype(jnp.float32), np.float64)
             err = float(np.linalg.norm(out - against) / np.linalg.norm(against))
-            print(json.dumps(dict(name=name, shape=shape, ms=round(ms, 4),
-                                  tflops=round(flops / ms / 1e9, 3), rel_err=float(f"{err:.3g}"),
-                                  backend=backend, **extra)), flush=True)
+            print(
+                json.dumps(
+                    dict(
+                        name=name,
+                        shape=shape,
+                        ms=round(ms, 4),
+                        tflops=round(flops / ms / 1e9, 3),
+                        rel_err=float(f"{err:.3g}"),
+                        backend=backend,
+                        **extra,
+                    )
+                ),
+                flush=True,
+            )
 
-        bf16 = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32)
-                       .astype(jnp.bfloat16))
+        bf16 = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(jnp.bfloat16))
         emit("bf16", _time_ms(bf16, x, w, iters=args.iters), bf16(x, w), against=exact)
         xt, st_x = quantize_tensor(x)
         wt, st_w = quantize_tensor(w)
         f = jax.jit(fp8_tensor)
-        emit("fp8_tensor", _time_ms(f, xt, st_x, wt, st_w, iters=args.iters),
-             f(xt, st_x, wt, st_w), against=exact)
+        emit("fp8_tensor", _time_ms(f, xt, st_x, wt, st_w, iters=args.iters), f(xt, st_x, wt, st_w), against=exact)
         quant = jax.jit(lambda a: reference.quantize_reference(a, 1))
         ms = _time_ms(quant, x, iters=args.iters)
-        print(json.dumps(dict(name="quantize_1x128", shape=dict(m=m, k=k), ms=round(ms, 4),
-                              gbps=round(3 * m * k / ms / 1e6, 1), backend=backend)), flush=True)
-        cases = [("fp8_kbatched", fp8_kbatched),
-                 ("fp8_kloop", fp8_kloop)]
+        print(
+            json.dumps(
+                dict(
+                    name="quantize_1x128",
+                    shape=dict(m=m, k=k),
+                    ms=round(ms, 4),
+                    gbps=round(3 * m * k / ms / 1e6, 1),
+                    backend=backend,
+                )
+            ),
+            flush=True,
+        )
+        cases = [("fp8_kbatched", fp8_kbatched), ("fp8_kloop", fp8_kloop)]
         if backend == "gpu" or small:
             for bm, warps, stages in ((128, 4, 3), (128, 8, 4), (64, 4, 4)):
                 if m % bm:
                     continue
-                cases.append((f"pallas_triton_bm{bm}_w{warps}_s{stages}",
-                              functools.partial(pallas_triton, bm=bm, num_warps=warps,
-                                                num_stages=stages, interpret=interpret)))
+                cases.append(
+                    (
+                        f"pallas_triton_bm{bm}_w{warps}_s{stages}",
+                        functools.partial(
+                            pallas_triton, bm=bm, num_warps=warps, num_stages=stages, interpret=interpret
+                        ),
+                    )
+                )
         for name, fn in cases:
             try:
                 f = jax.jit(fn)
                 emit(name, _time_ms(f, xq, sx, wq, sw, iters=args.iters), f(xq, sx, wq, sw))
             except Exception as e:  # one failing formulation must not hide the others
                 msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else repr(e)
-                print(json.dumps(dict(name=name, shape=shape, error=f"{type(e).__name__}: {msg}",
-                                      backend=backend)), flush=True)
+                print(
+                    json.dumps(dict(name=name, shape=shape, error=f"{type(e).__name__}: {msg}", backend=backend)),
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -57,6 +57,7 @@ def main(argv):
             out = model(batch["inputs"], batch["positions"], batch["segment_ids"])
             losses = lm_losses(out, batch, mtp_w)
             return losses["main_loss"] + losses["mtp_loss"]
+
         loss, grads = nnx.value_and_grad(loss_fn)(model)
         optimizer.update(model, grads)
         return loss
@@ -76,9 +77,18 @@ def main(argv):
 
     run_pure()
     for name, fn in (("nnx.jit", run_nnx), ("split+jax.jit", run_pure)):
-        print(json.dumps({"variant": name, "step_ms": _median_ms(fn, _STEPS.value),
-                          "batch": config.train.global_batch_size, "seq_len": config.data.seq_len,
-                          "backend": jax.default_backend()}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "variant": name,
+                    "step_ms": _median_ms(fn, _STEPS.value),
+                    "batch": config.train.global_batch_size,
+                    "seq_len": config.data.seq_len,
+                    "backend": jax.default_backend(),
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

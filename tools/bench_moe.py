@@ -55,8 +55,15 @@ def main(argv):
     x = jax.random.normal(jax.random.key(0), (1, t, _D.value))
     seg = jnp.ones((1, t), jnp.int32)
     for i, e in enumerate(int(v) for v in _EXPERTS.value):
-        cfg = ModelConfig(d_model=_D.value, moe_ffn_dim=_F.value, n_routed_experts=e, n_experts_per_tok=_TOP_K.value,
-                          n_shared_experts=0, n_group=1, topk_group=1)
+        cfg = ModelConfig(
+            d_model=_D.value,
+            moe_ffn_dim=_F.value,
+            n_routed_experts=e,
+            n_experts_per_tok=_TOP_K.value,
+            n_shared_experts=0,
+            n_group=1,
+            topk_group=1,
+        )
         graphdef, params, rest = nnx.split(MoE(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
 
         def loss(params, rest, x, fwd):
@@ -67,13 +74,38 @@ def main(argv):
             return moe(x, seg)[0]
 
         step = jax.jit(jax.grad(lambda p, r, x: loss(p, r, x, grouped), argnums=(0, 2)))
-        print(json.dumps({"experts": e, "ms": round(_time(step, params, rest, x), 3), "impl": "grouped",
-                          "tokens": t, "top_k": _TOP_K.value, "d_model": _D.value, "ffn": _F.value,
-                          "backend": jax.default_backend()}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "experts": e,
+                    "ms": round(_time(step, params, rest, x), 3),
+                    "impl": "grouped",
+                    "tokens": t,
+                    "top_k": _TOP_K.value,
+                    "d_model": _D.value,
+                    "ffn": _F.value,
+                    "backend": jax.default_backend(),
+                }
+            ),
+            flush=True,
+        )
         if i == 0 and _DENSE.value:
-            dense = jax.jit(jax.grad(lambda p, r, x: loss(p, r, x, lambda m, x: _dense_all_experts(m, x, seg)), argnums=(0, 2)))
-            print(json.dumps({"experts": e, "ms": round(_time(dense, params, rest, x), 3), "impl": "dense_reference",
-                              "tokens": t, "top_k": _TOP_K.value, "backend": jax.default_backend()}), flush=True)
+            dense = jax.jit(
+                jax.grad(lambda p, r, x: loss(p, r, x, lambda m, x: _dense_all_experts(m, x, seg)), argnums=(0, 2))
+            )
+            print(
+                json.dumps(
+                    {
+                        "experts": e,
+                        "ms": round(_time(dense, params, rest, x), 3),
+                        "impl": "dense_reference",
+                        "tokens": t,
+                        "top_k": _TOP_K.value,
+                        "backend": jax.default_backend(),
+                    }
+                ),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

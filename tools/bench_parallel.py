@@ -23,8 +23,14 @@ _SEQ = flags.DEFINE_integer("seq_len", 64, "Tokens per row.")
 _BATCH = flags.DEFINE_integer("batch", 16, "Global batch (rows).")
 _D_MODEL = flags.DEFINE_integer("d_model", 128, "Model width (moe_tiny: 128).")
 
-MESHES = [dict(), dict(data=8), dict(fsdp=8), dict(data=2, expert=4), dict(data=2, expert=2, tensor=2),
-          dict(fsdp=2, expert=2, tensor=2)]
+MESHES = [
+    dict(),
+    dict(data=8),
+    dict(fsdp=8),
+    dict(data=2, expert=4),
+    dict(data=2, expert=2, tensor=2),
+    dict(fsdp=2, expert=2, tensor=2),
+]
 
 
 def bench(mesh_sizes: dict) -> dict:
@@ -50,7 +56,10 @@ def bench(mesh_sizes: dict) -> dict:
     state_sh = sharding.tree_shardings(abstract, mesh)
     state = sharding.create(lambda: init_state(cfg, tx, 0)[1], state_sh, mesh)
     step = sharded_train_step(graphdef, tx, c.train, mesh, state_sh)
-    batches = [sharding.global_batch(b, mesh) for b in synthetic_batches(c.train.global_batch_size, c.data.seq_len, _STEPS.value + 1)]
+    batches = [
+        sharding.global_batch(b, mesh)
+        for b in synthetic_batches(c.train.global_batch_size, c.data.seq_len, _STEPS.value + 1)
+    ]
     t0 = time.perf_counter()
     state, m = step(state, batches[0])
     jax.block_until_ready(m)
@@ -63,9 +72,14 @@ def bench(mesh_sizes: dict) -> dict:
         times.append(time.perf_counter() - t0)
         dropped += float(m["dropped_tokens"])
     step_s = statistics.median(times)
-    return {"mesh": {a: getattr(c.mesh, a) for a in sharding.MESH_AXES}, "devices": mesh.size,
-            "compile_s": round(compile_s, 2), "step_s": round(step_s, 4),
-            "tokens_per_s": round(_BATCH.value * _SEQ.value / step_s, 1), "dropped": dropped}
+    return {
+        "mesh": {a: getattr(c.mesh, a) for a in sharding.MESH_AXES},
+        "devices": mesh.size,
+        "compile_s": round(compile_s, 2),
+        "step_s": round(step_s, 4),
+        "tokens_per_s": round(_BATCH.value * _SEQ.value / step_s, 1),
+        "dropped": dropped,
+    }
 
 
 def main(argv):

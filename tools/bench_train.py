@@ -29,9 +29,9 @@ def main(argv):
     config = _CONFIG.value
     with config.unlocked():
         config.train.steps = _STEPS.value
-        config.train.eval_every = 10 ** 9
+        config.train.eval_every = 10**9
         config.train.eval_batches = 1
-        config.train.checkpoint_every = 10 ** 9
+        config.train.checkpoint_every = 10**9
         config.train.async_checkpoint = False
         config.train.tensorboard = False
         config.train.progress = False
@@ -40,13 +40,23 @@ def main(argv):
         s = train_and_evaluate(config, workdir)
     cfg = ModelConfig.from_dict(config.model.to_dict())
     tokens_per_step = config.train.global_batch_size * config.data.seq_len
-    print(json.dumps({
-        "config": flags.FLAGS["config"].config_filename, "steps": s["steps"],
-        "step_ms": round(1e3 * tokens_per_step / s["tokens_per_second"], 2),
-        "tokens_per_second": round(s["tokens_per_second"], 1),
-        "model_flops_per_token": model_flops_per_token(cfg, config.data.seq_len),
-        "mfu": s["mfu"], "peak_flops_per_device": s["peak_flops_per_device"], "peak_source": s["peak_source"],
-        "backend": jax.default_backend(), "devices": jax.device_count()}), flush=True)
+    print(
+        json.dumps(
+            {
+                "config": flags.FLAGS["config"].config_filename,
+                "steps": s["steps"],
+                "step_ms": round(1e3 * tokens_per_step / s["tokens_per_second"], 2),
+                "tokens_per_second": round(s["tokens_per_second"], 1),
+                "model_flops_per_token": model_flops_per_token(cfg, config.data.seq_len),
+                "mfu": s["mfu"],
+                "peak_flops_per_device": s["peak_flops_per_device"],
+                "peak_source": s["peak_source"],
+                "backend": jax.default_backend(),
+                "devices": jax.device_count(),
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -67,6 +67,7 @@ def get_config():
 
 # ---- reading our checkpoints ----
 
+
 def _abstract_weights(cfg: ModelConfig):
     out = {}
 
@@ -93,9 +94,11 @@ def load_model(path: str) -> Transformer:
         if workdir:  # the full train state: its structure needs the run's optimizer
             from train.optimizer import make_optimizer
             from train.state import abstract_state
+
             config = ml_collections.ConfigDict(meta["config"])
-            graphdef, abstract = abstract_state(cfg, make_optimizer(config.optimizer, config.train.steps),
-                                                config.train.seed)
+            graphdef, abstract = abstract_state(
+                cfg, make_optimizer(config.optimizer, config.train.steps), config.train.seed
+            )
         else:
             graphdef, abstract = _abstract_weights(cfg)
         _, state, _, _ = ckpt.restore(abstract, expected_model=meta["model"])
@@ -105,6 +108,7 @@ def load_model(path: str) -> Transformer:
 
 
 # ---- import / export ----
+
 
 def import_hf(hf_dir: str, out: str, *, dtype: str = "auto", preset: str = "moe_tiny", **overrides) -> ModelConfig:
     """float32 parameters (upcast: training's master weights), compute ``dtype`` ("auto" = bf16 on
@@ -126,16 +130,25 @@ def import_hf(hf_dir: str, out: str, *, dtype: str = "auto", preset: str = "moe_
         # Compute dtype as asked ("auto" unresolved); the kernel backend stays config.kernels.impl's.
         model_dict = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "kernels_impl"}
         model_dict["dtype"] = dtype
-        fh.write(_FINETUNE_CONFIG.format(source=os.path.abspath(hf_dir), path=cfg_file, preset=preset, ckpt=out,
-                                         model=pprint.pformat(model_dict, indent=4, sort_dicts=False)))
+        fh.write(
+            _FINETUNE_CONFIG.format(
+                source=os.path.abspath(hf_dir),
+                path=cfg_file,
+                preset=preset,
+                ckpt=out,
+                model=pprint.pformat(model_dict, indent=4, sort_dicts=False),
+            )
+        )
     return cfg
 
 
 def export_hf(ckpt: str, out: str, *, max_shard_bytes: int = 4 << 30) -> list[str]:
     out = Path(out).absolute()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"--out {out} exists and is not an empty directory; export writes a fresh "
-                              f"one (stale shards would mix with the new): remove it or choose another")
+        raise FileExistsError(
+            f"--out {out} exists and is not an empty directory; export writes a fresh "
+            f"one (stale shards would mix with the new): remove it or choose another"
+        )
     model = load_model(ckpt)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:
@@ -170,8 +183,12 @@ def main(argv=None):
     im = sub.add_parser("import", help="Hugging Face dir -> weights-only checkpoint")
     im.add_argument("--hf-dir", required=True)
     im.add_argument("--out", required=True)
-    im.add_argument("--dtype", default="auto", help="compute dtype of the fine-tune config (default auto: "
-                    "bf16 on GPU/TPU, f32 on CPU); parameters are always stored in float32")
+    im.add_argument(
+        "--dtype",
+        default="auto",
+        help="compute dtype of the fine-tune config (default auto: "
+        "bf16 on GPU/TPU, f32 on CPU); parameters are always stored in float32",
+    )
     im.add_argument("--preset", default="moe_tiny", help="configs.base preset the fine-tune config starts from")
     im.add_argument("--scan_layers", action="store_true", help="stack the MoE blocks (nnx.scan)")
     im.add_argument("--remat", default=None)
@@ -186,13 +203,15 @@ def main(argv=None):
             over["remat"] = args.remat
         cfg = import_hf(args.hf_dir, args.out, dtype=args.dtype, preset=args.preset, **over)
         from model import presets
+
         out = os.path.abspath(args.out)
         print(f"wrote {out} (step 0: params + rest) and {out}/finetune_config.py")
-        print("fine-tune with:\n  python -m train.main "
-              f"--config={out}/finetune_config.py --config.data.source='...'")
+        print(f"fine-tune with:\n  python -m train.main --config={out}/finetune_config.py --config.data.source='...'")
         flags = _overrides(presets.get(args.preset), cfg)
-        print(f"or, with another config built on preset {args.preset}: --config.train.init_checkpoint={out} "
-              + " ".join(flags))
+        print(
+            f"or, with another config built on preset {args.preset}: --config.train.init_checkpoint={out} "
+            + " ".join(flags)
+        )
     else:
         try:
             files = export_hf(args.ckpt, args.out, max_shard_bytes=int(args.max_shard_gb * (1 << 30)))

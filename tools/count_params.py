@@ -22,8 +22,8 @@ def _fmt(n: int) -> str:
 
 def main(argv):
     del argv
-    from model.param_count import count_params
     from model.config import ModelConfig
+    from model.param_count import count_params
 
     cfg = ModelConfig.from_dict(_CONFIG.value.model.to_dict())
     c = count_params(cfg)

@@ -42,8 +42,17 @@ def main(argv):
                 if pos >= 0:
                     found.add(int(np.searchsorted(starts, pos, side="right")) - 1)
         counts.append(len(found))
-    print(json.dumps({"batches": len(counts), "rows": cfg.train.global_batch_size, "distinct_docs_mean":
-                      round(float(np.mean(counts)), 2), "min": min(counts), "max": max(counts)}))
+    print(
+        json.dumps(
+            {
+                "batches": len(counts),
+                "rows": cfg.train.global_batch_size,
+                "distinct_docs_mean": round(float(np.mean(counts)), 2),
+                "min": min(counts),
+                "max": max(counts),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

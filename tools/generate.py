@@ -52,7 +52,7 @@ def read_requests(path: str, defaults: dict) -> list[dict]:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
         if not isinstance(req, dict) or not isinstance(req.get("prompt"), str):
-            raise ValueError(f"{path}:{n}: a request is an object with a string \"prompt\"")  # noqa: TRY004
+            raise ValueError(f'{path}:{n}: a request is an object with a string "prompt"')  # noqa: TRY004
         unknown = sorted(set(req) - _REQUEST_KEYS)
         if unknown:
             raise ValueError(f"{path}:{n}: unknown key(s) {unknown}; known: {sorted(_REQUEST_KEYS)}")
@@ -90,8 +90,11 @@ def main(argv=None):
     if bool(args.prompt) == bool(args.input):
         ap.error("give either --prompt (repeatable) or --input requests.jsonl")
     defaults = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_k", "top_p")}
-    requests = (read_requests(args.input, defaults) if args.input
-                else [{**defaults, "id": i, "prompt": p} for i, p in enumerate(args.prompt)])
+    requests = (
+        read_requests(args.input, defaults)
+        if args.input
+        else [{**defaults, "id": i, "prompt": p} for i, p in enumerate(args.prompt)]
+    )
 
     from model.generation import generate_details
     from tools.convert_hf import load_model
@@ -109,26 +112,44 @@ def main(argv=None):
 
         def on_tokens(rows):  # streaming: print the new text of the one prompt
             text = tok.decode(rows[0])
-            print(text[printed[0]:], end="", flush=True)
+            print(text[printed[0] :], end="", flush=True)
             printed[0] = len(text)
 
         for i in range(0, len(requests), args.batch_size):
-            batch = requests[i:i + args.batch_size]
+            batch = requests[i : i + args.batch_size]
             col = {k: [r[k] for r in batch] for k in ("max_new_tokens", "temperature", "top_k", "top_p")}
             if stream:
                 print(batch[0]["prompt"], end="", flush=True)
-            r = generate_details(model, [[tok.bos_id] + [int(t) for t in tok.encode(q["prompt"])] for q in batch],
-                                 stop_tokens=stops, seed=args.seed + i, cache=args.cache, speculative=args.speculative,
-                                 stream_every=args.stream_every if stream else 0, on_tokens=on_tokens if stream else None,
-                                 **col)
+            r = generate_details(
+                model,
+                [[tok.bos_id] + [int(t) for t in tok.encode(q["prompt"])] for q in batch],
+                stop_tokens=stops,
+                seed=args.seed + i,
+                cache=args.cache,
+                speculative=args.speculative,
+                stream_every=args.stream_every if stream else 0,
+                on_tokens=on_tokens if stream else None,
+                **col,
+            )
             n = sum(len(o) for o in r.tokens)
             tps = n / r.seconds if r.seconds > 0 else 0.0
             for q, o in zip(batch, r.tokens):
                 finish = "stop" if o and o[-1] in stops else "length"
                 if args.input:
-                    sink.write(json.dumps({"id": q["id"], "prompt": q["prompt"], "completion": tok.decode(o),
-                                           "new_tokens": len(o), "finish_reason": finish, "ttft_s": round(r.ttft_s, 4),
-                                           "tokens_per_s": round(tps, 1)}) + "\n")
+                    sink.write(
+                        json.dumps(
+                            {
+                                "id": q["id"],
+                                "prompt": q["prompt"],
+                                "completion": tok.decode(o),
+                                "new_tokens": len(o),
+                                "finish_reason": finish,
+                                "ttft_s": round(r.ttft_s, 4),
+                                "tokens_per_s": round(tps, 1),
+                            }
+                        )
+                        + "\n"
+                    )
                 elif stream:
                     on_tokens([o])  # the rest of the text
                     print()
@@ -138,8 +159,11 @@ def main(argv=None):
             totals["seconds"] += r.seconds
             totals["drafted"] += r.drafted
             totals["accepted"] += r.accepted
-            print(f"--- batch of {len(batch)}: {n} tokens in {r.seconds:.2f}s ({tps:.1f} tokens/s), "
-                  f"time to first token {r.ttft_s:.3f}s (first batch of a shape includes compilation)", file=sys.stderr)
+            print(
+                f"--- batch of {len(batch)}: {n} tokens in {r.seconds:.2f}s ({tps:.1f} tokens/s), "
+                f"time to first token {r.ttft_s:.3f}s (first batch of a shape includes compilation)",
+                file=sys.stderr,
+            )
     summary = f"--- {totals['tokens']} tokens in {totals['seconds']:.2f}s, cache={args.cache}"
     if args.speculative and totals["drafted"]:
         summary += f", MTP acceptance {totals['accepted'] / totals['drafted']:.1%} of {totals['drafted']} drafts"

@@ -35,13 +35,18 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (configs/*.py).", lock_config=True)
 _NUM_DEVICES = flags.DEFINE_integer("num_devices", None, "Devices to plan for (default: the mesh's size).")
-_COMPILE = flags.DEFINE_bool("compile", None, "Compile on CPU for XLA's memory analysis (default: "
-                             "only for models under 2B parameters).")
-_TOPOLOGY = flags.DEFINE_string("topology", None, "Compile for this TPU topology (e.g. v5p:2x2x1) with the "
-                                "TPU compiler (needs libtpu) and report its per-device memory.")
+_COMPILE = flags.DEFINE_bool(
+    "compile", None, "Compile on CPU for XLA's memory analysis (default: only for models under 2B parameters)."
+)
+_TOPOLOGY = flags.DEFINE_string(
+    "topology",
+    None,
+    "Compile for this TPU topology (e.g. v5p:2x2x1) with the "
+    "TPU compiler (needs libtpu) and report its per-device memory.",
+)
 flags.mark_flags_as_required(["config"])
 
-GiB = 2 ** 30
+GiB = 2**30
 
 
 def _mesh_product(mesh_cfg):
@@ -62,6 +67,7 @@ def activation_estimate(cfg, sizes: dict, rows: int, seq_len: int, attention_imp
     x 3 in f32), and the f32 logits, softmax and gradient [rows, t, V/tensor].
     """
     from model.moe_ep import send_capacity
+
     act = 2 if cfg.dtype in ("bfloat16", "float16") else 4
     t, d = seq_len, cfg.d_model
     h = cfg.n_heads // sizes["tensor"]
@@ -78,26 +84,41 @@ def activation_estimate(cfg, sizes: dict, rows: int, seq_len: int, attention_imp
     cap = send_capacity(cfg, tokens, n)
     moe = 3 * n * cap * d * act + 3 * n * cap * (cfg.moe_ffn_dim // sizes["tensor"]) * 4
     logits = 3 * tokens * math.ceil(cfg.vocab_size / sizes["tensor"]) * 4 * (1 + cfg.mtp_depth)
-    return {"saved_for_backward": saved, "attention_working_set": attention,
-            "moe_working_set": moe, "logits_working_set": logits,
-            "peak": saved + max(attention, moe) + logits, "moe_rows_per_destination": cap}
+    return {
+        "saved_for_backward": saved,
+        "attention_working_set": attention,
+        "moe_working_set": moe,
+        "logits_working_set": logits,
+        "peak": saved + max(attention, moe) + logits,
+        "moe_rows_per_destination": cap,
+    }
 
 
 def _memory(mem) -> dict:
-    return {"arguments": mem.argument_size_in_bytes / GiB, "outputs": mem.output_size_in_bytes / GiB,
-            "aliased": mem.alias_size_in_bytes / GiB, "temporaries (activations etc.)": mem.temp_size_in_bytes / GiB}
+    return {
+        "arguments": mem.argument_size_in_bytes / GiB,
+        "outputs": mem.output_size_in_bytes / GiB,
+        "aliased": mem.alias_size_in_bytes / GiB,
+        "temporaries (activations etc.)": mem.temp_size_in_bytes / GiB,
+    }
 
 
 def _resolve_for_tpu(config) -> None:
     """The "auto" choices a TPU run makes (``train.trainer.model_config``, ``model.attention``)."""
     from model.attention import resolve_impl
     from model.config import ModelConfig
+
     with config.unlocked():
         if config.model.dtype == "auto":
             config.model.dtype = "bfloat16"
         qk = ModelConfig.from_dict(config.model.to_dict()).qk_head_dim
-        config.kernels.attention = resolve_impl(config.kernels.attention, backend="tpu", seq_len=config.data.seq_len,
-                                                dtype=config.model.dtype, qk_head_dim=qk)
+        config.kernels.attention = resolve_impl(
+            config.kernels.attention,
+            backend="tpu",
+            seq_len=config.data.seq_len,
+            dtype=config.model.dtype,
+            qk_head_dim=qk,
+        )
 
 
 def main(argv):
@@ -105,13 +126,17 @@ def main(argv):
     config = _CONFIG.value
     n_dev = _NUM_DEVICES.value or _mesh_product(config.mesh)
     import jax
+
     if _TOPOLOGY.value:
         from jax.experimental import topologies
+
         try:
             topology = topologies.get_topology_desc(platform="tpu", topology_name=_TOPOLOGY.value)
         except Exception as e:  # noqa: BLE001 (no libtpu, or a topology name it does not know)
-            raise SystemExit(f"--topology={_TOPOLOGY.value}: cannot build it ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0]}); libtpu needed: pip install 'jax[tpu]'")
+            raise SystemExit(
+                f"--topology={_TOPOLOGY.value}: cannot build it ({type(e).__name__}: "
+                f"{str(e).splitlines()[0]}); libtpu needed: pip install 'jax[tpu]'"
+            ) from None
         all_devices = topology.devices
         _resolve_for_tpu(config)
     else:
@@ -121,13 +146,13 @@ def main(argv):
         all_devices = jax.devices()
     import numpy as np
 
+    from model.attention import resolve_impl
     from model.config import ModelConfig
     from train import sharding
     from train.optimizer import make_optimizer
     from train.state import abstract_state
     from train.step import sharded_train_step
 
-    from model.attention import resolve_impl
     devices = all_devices[:n_dev] if n_dev else all_devices
     mesh = sharding.make_mesh(config.mesh, devices)
     sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
@@ -142,9 +167,16 @@ def main(argv):
     t = config.data.seq_len
     b = tc.global_batch_size
     batch_sh = sharding.batch_sharding(mesh)
-    batch = {k: jax.ShapeDtypeStruct((b, t), np.dtype(dt), sharding=batch_sh) for k, dt in
-             (("inputs", "int32"), ("targets", "int32"), ("segment_ids", "int32"), ("positions", "int32"),
-              ("loss_mask", "float32"))}
+    batch = {
+        k: jax.ShapeDtypeStruct((b, t), np.dtype(dt), sharding=batch_sh)
+        for k, dt in (
+            ("inputs", "int32"),
+            ("targets", "int32"),
+            ("segment_ids", "int32"),
+            ("positions", "int32"),
+            ("loss_mask", "float32"),
+        )
+    }
     step = sharded_train_step(graphdef, tx, tc, mesh, state_sh)
     lowered = step.lower(state, batch)
 
@@ -152,17 +184,35 @@ def main(argv):
     params_b = sharding.per_device_bytes(abstract["params"], state_sh["params"])
     opt_b = sharding.per_device_bytes(abstract["opt_state"], state_sh["opt_state"])
     rows = b // (tc.microbatches * sharding.batch_parallelism(sizes))
-    attention_impl = resolve_impl(cfg.attention_impl, backend=devices[0].platform, seq_len=t, dtype=cfg.dtype,
-                                  qk_head_dim=cfg.qk_head_dim, device_kind=devices[0].device_kind)
+    attention_impl = resolve_impl(
+        cfg.attention_impl,
+        backend=devices[0].platform,
+        seq_len=t,
+        dtype=cfg.dtype,
+        qk_head_dim=cfg.qk_head_dim,
+        device_kind=devices[0].device_kind,
+    )
     est = activation_estimate(cfg, sizes, rows, t, attention_impl)
     report = {
-        "mesh": sizes, "devices": mesh.size, "device_kind": devices[0].device_kind, "params_total": n_params,
-        "rows_per_device_per_microbatch": rows, "seq_len": t, "remat": cfg.remat, "dtype": cfg.dtype,
+        "mesh": sizes,
+        "devices": mesh.size,
+        "device_kind": devices[0].device_kind,
+        "params_total": n_params,
+        "rows_per_device_per_microbatch": rows,
+        "seq_len": t,
+        "remat": cfg.remat,
+        "dtype": cfg.dtype,
         "attention_impl": attention_impl,
         "capacity_factor": cfg.capacity_factor,
-        "per_device_GiB": {"params": params_b / GiB, "optimizer_state": opt_b / GiB, "gradients": params_b / GiB,
-                           "activations_estimate": est["peak"] / GiB},
-        "activation_estimate_GiB": {k: v / GiB for k, v in est.items() if k not in ("peak", "moe_rows_per_destination")},
+        "per_device_GiB": {
+            "params": params_b / GiB,
+            "optimizer_state": opt_b / GiB,
+            "gradients": params_b / GiB,
+            "activations_estimate": est["peak"] / GiB,
+        },
+        "activation_estimate_GiB": {
+            k: v / GiB for k, v in est.items() if k not in ("peak", "moe_rows_per_destination")
+        },
         "moe_rows_per_destination": est["moe_rows_per_destination"],
         "hlo_all_to_all": lowered.as_text().count("all_to_all"),
     }
@@ -179,8 +229,10 @@ def main(argv):
             if mem is not None:
                 report[compiled_key] = _memory(mem)
     report["per_device_GiB"]["total_estimate"] = (
-        2 * params_b / GiB + opt_b / GiB
-        + report.get(compiled_key, {}).get("temporaries (activations etc.)", est["peak"] / GiB))
+        2 * params_b / GiB
+        + opt_b / GiB
+        + report.get(compiled_key, {}).get("temporaries (activations etc.)", est["peak"] / GiB)
+    )
     print(json.dumps(report, indent=1))
 
 

@@ -34,8 +34,9 @@ def read_metrics(workdir) -> list[dict]:
     """Parses ``<workdir>/metrics.jsonl``; skips a torn last line of a killed run and drops superseded lines."""
     path = resolve(workdir) / "metrics.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: is --workdir the run's workdir (the one holding "
-                                f"metrics.jsonl)?")
+        raise FileNotFoundError(
+            f"{path} does not exist: is --workdir the run's workdir (the one holding metrics.jsonl)?"
+        )
     rows = []
     for i, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
@@ -105,15 +106,22 @@ def plot_expert_load(rows, out: epath.Path) -> epath.Path | None:
     extent = [steps[0], max(steps[-1], steps[0] + 1), -0.5, load.shape[2] - 0.5]
     for l in range(n_layers):
         ax = axes[l, 0]
-        im = ax.imshow(load[:, l, :].T, aspect="auto", origin="lower", extent=extent, cmap="viridis",
-                       interpolation="nearest")
+        im = ax.imshow(
+            load[:, l, :].T, aspect="auto", origin="lower", extent=extent, cmap="viridis", interpolation="nearest"
+        )
         ax.set(ylabel="expert", title=f"MoE layer {l}: fraction of assignments")
         fig.colorbar(im, ax=ax)
     ax = axes[-1, 0]
     if vio:
         v = np.array([[np.nan if x is None else x for x in r["maxvio"]] for r in vio], float)  # [steps, layers]
-        im = ax.imshow(v.T, aspect="auto", origin="lower", cmap="magma", interpolation="nearest",
-                       extent=[vio[0]["step"], max(vio[-1]["step"], vio[0]["step"] + 1), -0.5, v.shape[1] - 0.5])
+        im = ax.imshow(
+            v.T,
+            aspect="auto",
+            origin="lower",
+            cmap="magma",
+            interpolation="nearest",
+            extent=[vio[0]["step"], max(vio[-1]["step"], vio[0]["step"] + 1), -0.5, v.shape[1] - 0.5],
+        )
         fig.colorbar(im, ax=ax)
     ax.set(xlabel="step", ylabel="MoE layer", title="MaxVio (max load / mean load - 1)")
     fig.tight_layout()

@@ -85,13 +85,16 @@ class Checkpointer:
     (it then never becomes a committed step; the previous one stays the latest).
     """
 
-    def __init__(self, directory, *, keep: int | None = 3, save_every: int, async_save: bool = True,
-                 read_only: bool = False):
+    def __init__(
+        self, directory, *, keep: int | None = 3, save_every: int, async_save: bool = True, read_only: bool = False
+    ):
         if save_every <= 0:
             raise ValueError(f"save_every must be > 0, got {save_every}")
         if keep is not None and keep < 1:
-            raise ValueError(f"keep_checkpoints must be >= 1 (or None: keep all), got {keep}; "
-                             f"{keep} would delete every checkpoint, the final one too")
+            raise ValueError(
+                f"keep_checkpoints must be >= 1 (or None: keep all), got {keep}; "
+                f"{keep} would delete every checkpoint, the final one too"
+            )
         if "://" not in str(directory):  # local path: orbax needs it absolute
             directory = os.path.abspath(directory)
         self.directory = epath.Path(directory)
@@ -110,10 +113,14 @@ class Checkpointer:
             cleanup_tmp_directories=not read_only,  # leftovers of killed saves; never complete
         )
         self._mngr = ocp.CheckpointManager(
-            self.directory, options=options,
-            item_handlers={"state": ocp.StandardCheckpointHandler(),
-                           "data": ocp.JsonCheckpointHandler(),
-                           "meta": ocp.JsonCheckpointHandler()})
+            self.directory,
+            options=options,
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "data": ocp.JsonCheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler(),
+            },
+        )
         self._dir_checked = False
         self._protected: set[int] = set()
         self._in_flight: int | None = None  # step of a started save not yet seen committed
@@ -139,21 +146,22 @@ class Checkpointer:
         committed = self._committed_steps()
         if not self._dir_checked:
             if committed:
-                self._compare_model(committed[-1], self._read_meta(committed[-1]).get("model"),
-                                    meta.get("model"))
+                self._compare_model(committed[-1], self._read_meta(committed[-1]).get("model"), meta.get("model"))
             self._dir_checked = True
         if step in committed:
             logging.warning("Checkpoint step %d already exists in %s; not overwriting it.", step, self.directory)
             return False
         if committed and step < committed[-1]:
-            logging.warning("Not saving step %d: %s already holds newer step %d.", step, self.directory,
-                            committed[-1])
+            logging.warning("Not saving step %d: %s already holds newer step %d.", step, self.directory, committed[-1])
             return False
         if step in self._mngr.all_steps():  # a dir without commit marker: stale, keep it aside
             self._quarantine(step, "incomplete")
         sums = {"state": integrity.tree_checksums(state), "data": integrity.json_checksum(data_state)}
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-                                  meta=ocp.args.JsonSave({**meta, _INTEGRITY: sums}))
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(data_state),
+            meta=ocp.args.JsonSave({**meta, _INTEGRITY: sums}),
+        )
         try:
             started = bool(self._mngr.save(step, args=args, force=True))
         except Exception as e:  # noqa: BLE001 -- a synchronous write failure
@@ -202,8 +210,14 @@ class Checkpointer:
         meta.pop(_INTEGRITY, None)
         return meta
 
-    def restore(self, abstract_state: Any, *, expected_model: dict | None = None,
-                allow_fallback: bool = False, fresh_start_ok: bool = False):
+    def restore(
+        self,
+        abstract_state: Any,
+        *,
+        expected_model: dict | None = None,
+        allow_fallback: bool = False,
+        fresh_start_ok: bool = False,
+    ):
         """Restores the newest committed step: ``(step, state, data_state, meta)``, or None if none.
 
         ``abstract_state``: pytree of ``jax.ShapeDtypeStruct`` (with ``.sharding`` to restore sharded)
@@ -214,8 +228,7 @@ class Checkpointer:
         self._finish()
         self._mngr.reload()
         for s in sorted(set(self._mngr.all_steps()) - set(self._committed_steps())):
-            logging.warning("Ignoring checkpoint dir %s: no commit marker (save interrupted?).",
-                            self._step_dir(s))
+            logging.warning("Ignoring checkpoint dir %s: no commit marker (save interrupted?).", self._step_dir(s))
         abstract = jax.tree.map(_abstract_leaf, abstract_state)
         want = {p: (tuple(x.shape), np.dtype(x.dtype)) for p, x in _flat_by_path(abstract).items()}
         tried = []
@@ -230,20 +243,23 @@ class Checkpointer:
             if expected_model is not None:
                 self._compare_model(step, meta.get("model"), expected_model)
             if sums is not None:  # what was saved, by the checksummed record: a real model mismatch
-                self._compare_arrays(step, {p: (tuple(v[0]), np.dtype(v[1])) for p, v in sums["state"].items()},
-                                     want)
+                self._compare_arrays(step, {p: (tuple(v[0]), np.dtype(v[1])) for p, v in sums["state"].items()}, want)
             try:
                 saved = self._mngr.item_metadata(step)["state"]
-                saved = {p: (tuple(getattr(s, "shape", ()) or ()), getattr(s, "dtype", None))
-                         for p, s in _flat_by_path(getattr(saved, "tree", saved)).items()}
+                saved = {
+                    p: (tuple(getattr(s, "shape", ()) or ()), getattr(s, "dtype", None))
+                    for p, s in _flat_by_path(getattr(saved, "tree", saved)).items()
+                }
                 if sums is None:  # written before checksums: orbax's metadata is all we have
                     self._compare_arrays(step, saved, want)
                 elif _array_diffs(saved, want):
                     raise CorruptCheckpointError(
                         "the array metadata (state/_METADATA) is missing or damaged: "
-                        + "; ".join(_array_diffs(saved, want)[:3]))
-                out = self._mngr.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+                        + "; ".join(_array_diffs(saved, want)[:3])
+                    )
+                out = self._mngr.restore(
+                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore())
+                )
                 if sums is not None:
                     self._verify(out, sums)
             except CheckpointMismatchError:
@@ -258,7 +274,8 @@ class Checkpointer:
             raise CorruptCheckpointError(
                 f"{self.directory} holds no restorable checkpoint, only ones quarantined as corrupt "
                 f"({', '.join(self.quarantined())}); refusing to start from scratch over them "
-                f"(train.start_from_scratch=True does)")
+                f"(train.start_from_scratch=True does)"
+            )
         return None
 
     def wait(self):
@@ -307,7 +324,8 @@ class Checkpointer:
         good = [s for s in self._committed_steps() if s != step]
         return CheckpointWriteError(
             f"saving checkpoint step {step} to {self.directory} failed: {cause} "
-            f"(the checkpoints before it are intact; newest: {good[-1] if good else 'none'})")
+            f"(the checkpoints before it are intact; newest: {good[-1] if good else 'none'})"
+        )
 
     def _verify(self, out: dict, sums: dict):
         bad = integrity.compare(sums["state"], integrity.tree_checksums(out["state"]))
@@ -322,7 +340,7 @@ class Checkpointer:
         committed = self._committed_steps()
         if not committed:
             return
-        doomed = [] if self.keep is None else [s for s in committed[:-self.keep] if s not in self._protected]
+        doomed = [] if self.keep is None else [s for s in committed[: -self.keep] if s not in self._protected]
         doomed += [s for s in self._mngr.all_steps() if s < committed[-1] and s not in committed]
         if not doomed:
             return
@@ -334,15 +352,19 @@ class Checkpointer:
                 d.rmtree()
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
+
             multihost_utils.sync_global_devices(f"checkpoint_gc_{committed[-1]}")
         self._mngr.reload()
 
     def _on_corrupt(self, step: int, err: Exception, allow_fallback: bool):
-        msg = (f"Checkpoint step {step} in {self.directory} is corrupt or unreadable: "
-               f"{type(err).__name__}: {str(err)[:2000]}")
+        msg = (
+            f"Checkpoint step {step} in {self.directory} is corrupt or unreadable: "
+            f"{type(err).__name__}: {str(err)[:2000]}"
+        )
         if not allow_fallback:
-            raise CorruptCheckpointError(msg + "\nrestore(allow_fallback=True) falls back to the "
-                                         "previous step.") from err
+            raise CorruptCheckpointError(
+                msg + "\nrestore(allow_fallback=True) falls back to the previous step."
+            ) from err
         logging.warning("%s\nFalling back to the previous step.", msg)
         if not self.read_only:
             self._quarantine(step, "corrupt")
@@ -355,31 +377,39 @@ class Checkpointer:
             self._step_dir(step).rename(dst)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
+
             multihost_utils.sync_global_devices(f"checkpoint_quarantine_{step}")
         self._mngr.reload()
 
     def _compare_model(self, step: int, saved: Any, expected: Any):
         # Only the expected fields are compared: a checkpoint may record more (execution fields).
         a, b = _flatten_dict(_json_roundtrip(saved or {})), _flatten_dict(_json_roundtrip(expected))
-        diffs = [f"  {k}: checkpoint={a.get(k, '<absent>')!r} config={b.get(k, '<absent>')!r}"
-                 for k in sorted(b) if a.get(k, _MISSING) != b.get(k, _MISSING)]
+        diffs = [
+            f"  {k}: checkpoint={a.get(k, '<absent>')!r} config={b.get(k, '<absent>')!r}"
+            for k in sorted(b)
+            if a.get(k, _MISSING) != b.get(k, _MISSING)
+        ]
         if not diffs:
             return
         raise CheckpointMismatchError(
             f"Checkpoint step {step} in {self.directory} was written for a different model config; "
-            f"differing fields:\n" + "\n".join(diffs[:_MAX_LISTED])
+            f"differing fields:\n"
+            + "\n".join(diffs[:_MAX_LISTED])
             + ("\n  ..." if len(diffs) > _MAX_LISTED else "")
             + "\nRefusing to resume from it, and this run will not overwrite it: use another "
-              "workdir or the checkpoint's model config.")
+            "workdir or the checkpoint's model config."
+        )
 
     def _compare_arrays(self, step: int, saved: dict, want: dict):
         diffs = _array_diffs(saved, want)
         if diffs:
             raise CheckpointMismatchError(
                 f"Checkpoint step {step} in {self.directory} does not match the model state "
-                f"({len(diffs)} arrays):\n" + "\n".join(f"  {d}" for d in diffs[:_MAX_LISTED])
+                f"({len(diffs)} arrays):\n"
+                + "\n".join(f"  {d}" for d in diffs[:_MAX_LISTED])
                 + ("\n  ..." if len(diffs) > _MAX_LISTED else "")
-                + "\nRefusing to restore; this run will not overwrite it.")
+                + "\nRefusing to restore; this run will not overwrite it."
+            )
 
 
 class _OrbaxThreadErrors(std_logging.Filter):

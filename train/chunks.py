@@ -61,7 +61,9 @@ class Documents:
             self._cache.move_to_end(d)
             return ids
         self.reads += 1
-        ids = np.concatenate([[self._tok.bos_id], self._tok.encode(self.corpus[d]), [self._tok.eos_id]]).astype(np.int32)
+        ids = np.concatenate([[self._tok.bos_id], self._tok.encode(self.corpus[d]), [self._tok.eos_id]]).astype(
+            np.int32
+        )
         self._cache[d] = ids
         self._cached_tokens += len(ids)
         while self._cached_tokens > self._budget and len(self._cache) > 1:
@@ -85,8 +87,16 @@ class Documents:
         return out
 
 
-def assemble_rows(packed: dict, *, index: ChunkIndex, docs: Documents, tok: Tokenizer, rows: int,
-          process_index: int, process_count: int) -> dict:
+def assemble_rows(
+    packed: dict,
+    *,
+    index: ChunkIndex,
+    docs: Documents,
+    tok: Tokenizer,
+    rows: int,
+    process_index: int,
+    process_count: int,
+) -> dict:
     """Packed chunk ids of a global batch -> the documented batch layout of this process's rows,
     reading and tokenizing only the documents those rows hold."""
     chunk, seg_all, pos_all = packed["chunk"], packed["chunk_segment_ids"], packed["chunk_positions"]  # [g, t]
@@ -105,5 +115,11 @@ def assemble_rows(packed: dict, *, index: ChunkIndex, docs: Documents, tok: Toke
             c = int(chunk[r, where[0]])
             ids = docs(index.doc[c])[index.start[c] : index.start[c] + index.length[c] + 1]
             inputs[i, where], targets[i, where] = ids[:-1], ids[1:]
-    return {"inputs": inputs, "targets": targets, "segment_ids": seg, "positions": pos,
-            "loss_mask": (seg > 0).astype(np.float32), "target_bytes": tok.token_bytes(targets).astype(np.int32)}
+    return {
+        "inputs": inputs,
+        "targets": targets,
+        "segment_ids": seg,
+        "positions": pos,
+        "loss_mask": (seg > 0).astype(np.float32),
+        "target_bytes": tok.token_bytes(targets).astype(np.int32),
+    }

@@ -177,8 +177,10 @@ def _list_files(source: str) -> tuple[str, list[str]]:
         root = os.path.abspath("/".join(parts[:fixed]) or ".")
         paths = sorted(os.path.abspath(p) for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
     elif "**" in pattern:
-        raise ValueError(f"data.source={source!r}: '**' globs are local only (each level costs a listing on a "
-                         f"remote store); use one '*' per directory level")
+        raise ValueError(
+            f"data.source={source!r}: '**' globs are local only (each level costs a listing on a "
+            f"remote store); use one '*' per directory level"
+        )
     else:
         root = "/".join(parts[:fixed])
         paths = sorted(str(p) for p in epath.Path(root).glob("/".join(parts[fixed:])) if p.is_file())
@@ -229,7 +231,9 @@ def _index_documents(paths: list[str], fmt: str, field: str) -> np.ndarray:
                 if not isinstance(record, dict) or field not in record:
                     raise ValueError(f"{path}:{lineno}: JSON line has no field {field!r} (data.jsonl_field)")
                 if not isinstance(record[field], str):
-                    raise ValueError(f"{path}:{lineno}: field {field!r} is {type(record[field]).__name__}, not a string")
+                    raise ValueError(
+                        f"{path}:{lineno}: field {field!r} is {type(record[field]).__name__}, not a string"
+                    )
                 if record[field]:
                     docs.append((f, start, end))
             start = end + 1
@@ -268,12 +272,21 @@ def _check_processes(global_batch_size: int, process_index: int, process_count: 
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
 
 
-def _pipeline(data_cfg, split: str, *, rows: int, train: bool, process_index: int, process_count: int,
-              allgather: Optional[Callable] = None):
+def _pipeline(
+    data_cfg,
+    split: str,
+    *,
+    rows: int,
+    train: bool,
+    process_index: int,
+    process_count: int,
+    allgather: Optional[Callable] = None,
+):
     tok = load_tokenizer(data_cfg)
     docs = Documents(load_corpus(data_cfg, split), tok)
-    index = chunk_index(docs.lengths(process_index=process_index, process_count=process_count, allgather=allgather),
-                        data_cfg.seq_len)
+    index = chunk_index(
+        docs.lengths(process_index=process_index, process_count=process_count, allgather=allgather), data_cfg.seq_len
+    )
     # One seeded permutation of all chunks per epoch (grain's index shuffle: resumable from the
     # position alone). Eval is shuffled too, with the same fixed seed, so a few eval batches sample
     # many validation documents rather than the first ones in path order.
@@ -286,8 +299,9 @@ def _pipeline(data_cfg, split: str, *, rows: int, train: bool, process_index: in
     ds = ds.map(lambda c: {"chunk": np.full(int(index.length[c]), c, np.int32)})
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=0))
     t = data_cfg.seq_len
-    it = grain.experimental.FirstFitPackIterDataset(it, length_struct={"chunk": t}, num_packing_bins=_PACKING_BINS,
-                                                    shuffle_bins=False)
+    it = grain.experimental.FirstFitPackIterDataset(
+        it, length_struct={"chunk": t}, num_packing_bins=_PACKING_BINS, shuffle_bins=False
+    )
     it = it.batch(rows, drop_remainder=train)
     rows_of = dict(index=index, docs=docs, tok=tok, rows=rows, process_index=process_index, process_count=process_count)
     return it.map(lambda b: assemble_rows(b, **rows_of)), index, docs
@@ -297,8 +311,12 @@ def _fingerprint(data_cfg, global_batch_size: int, num_docs: int, num_chunks: in
     """What fixes the global row stream, checked on `set_state`; `num_docs` and `num_chunks` catch a
     corpus that changed under the same glob (or a different Python's stdlib)."""
     keys = ("source", "format", "jsonl_field", "tokenizer", "seq_len", "val_percent", "seed", "shuffle")
-    return {**{k: data_cfg[k] for k in keys}, "global_batch_size": global_batch_size, "num_docs": num_docs,
-            "num_chunks": num_chunks}
+    return {
+        **{k: data_cfg[k] for k in keys},
+        "global_batch_size": global_batch_size,
+        "num_docs": num_docs,
+        "num_chunks": num_chunks,
+    }
 
 
 class TrainIterator:
@@ -327,16 +345,24 @@ class TrainIterator:
 
     def set_state(self, state: dict) -> None:
         if state.get("version") != _STATE_VERSION:
-            raise ValueError(f"data iterator state version {state.get('version')!r} != {_STATE_VERSION}: the "
-                             f"checkpoint was written by another version of the data pipeline (another order)")
+            raise ValueError(
+                f"data iterator state version {state.get('version')!r} != {_STATE_VERSION}: the "
+                f"checkpoint was written by another version of the data pipeline (another order)"
+            )
         diff = {k: (v, self._fingerprint.get(k)) for k, v in state["stream"].items() if self._fingerprint.get(k) != v}
         if diff:
             raise ValueError(f"data iterator state is from a different stream; (saved, now) differ in {diff}")
         self._it.set_state(state["grain"])
 
 
-def make_train_iterator(data_cfg, *, global_batch_size: int, process_index: int = 0, process_count: int = 1,
-                        allgather: Optional[Callable] = None) -> TrainIterator:
+def make_train_iterator(
+    data_cfg,
+    *,
+    global_batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    allgather: Optional[Callable] = None,
+) -> TrainIterator:
     """Infinite training batches of global_batch_size // process_count rows (see module docstring).
 
     `allgather`: gathers a [m] int64 array from every process into [process_count, m] (the trainer
@@ -345,13 +371,27 @@ def make_train_iterator(data_cfg, *, global_batch_size: int, process_index: int 
     """
     _check_processes(global_batch_size, process_index, process_count)
     data_cfg = _resolve(data_cfg)
-    ds, index, docs = _pipeline(data_cfg, "train", rows=global_batch_size, train=True, process_index=process_index,
-                                process_count=process_count, allgather=allgather)
+    ds, index, docs = _pipeline(
+        data_cfg,
+        "train",
+        rows=global_batch_size,
+        train=True,
+        process_index=process_index,
+        process_count=process_count,
+        allgather=allgather,
+    )
     return TrainIterator(ds, _fingerprint(data_cfg, global_batch_size, len(docs.corpus), len(index)), docs)
 
 
-def make_eval_batches(data_cfg, *, batch_size: int, num_batches: int, process_index: int = 0, process_count: int = 1,
-                      allgather: Optional[Callable] = None) -> list[dict]:
+def make_eval_batches(
+    data_cfg,
+    *,
+    batch_size: int,
+    num_batches: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    allgather: Optional[Callable] = None,
+) -> list[dict]:
     """The first `num_batches` batches of the validation split: chunks shuffled with the fixed
     `data.seed` (deterministic, and spread over many files rather than the first few).
 
@@ -360,8 +400,15 @@ def make_eval_batches(data_cfg, *, batch_size: int, num_batches: int, process_in
     (loss_mask 0), so every batch has the full shape.
     """
     _check_processes(batch_size, process_index, process_count)
-    ds, _, _ = _pipeline(_resolve(data_cfg), "validation", rows=batch_size, train=False,
-                         process_index=process_index, process_count=process_count, allgather=allgather)
+    ds, _, _ = _pipeline(
+        _resolve(data_cfg),
+        "validation",
+        rows=batch_size,
+        train=False,
+        process_index=process_index,
+        process_count=process_count,
+        allgather=allgather,
+    )
     return list(itertools.islice(ds, num_batches))
 
 

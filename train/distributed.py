@@ -39,33 +39,49 @@ def _auto_detected() -> bool:
     return len([h for h in hosts.split(",") if h]) > 1 or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ
 
 
-def resolve(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
-            process_id: Optional[int] = None, force: bool = False) -> Optional[dict]:
+def resolve(
+    coordinator_address: Optional[str] = None,
+    num_processes: Optional[int] = None,
+    process_id: Optional[int] = None,
+    force: bool = False,
+) -> Optional[dict]:
     """The arguments for ``jax.distributed.initialize``: a dict (possibly empty = auto-detect), or
     None for a single process."""
     if coordinator_address or num_processes or process_id is not None:
         if not (coordinator_address and num_processes and process_id is not None):
-            raise ValueError("--coordinator_address, --num_processes and --process_id go together; got "
-                             f"{coordinator_address!r}, {num_processes!r}, {process_id!r}")
+            raise ValueError(
+                "--coordinator_address, --num_processes and --process_id go together; got "
+                f"{coordinator_address!r}, {num_processes!r}, {process_id!r}"
+            )
         if num_processes == 1:
             return None
         return dict(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id)
     if os.environ.get("JAX_COORDINATOR_ADDRESS") and _env_int("JAX_NUM_PROCESSES"):
         if _env_int("JAX_NUM_PROCESSES") == 1:
             return None
-        return dict(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
-                    num_processes=_env_int("JAX_NUM_PROCESSES"), process_id=_env_int("JAX_PROCESS_ID"))
+        return dict(
+            coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+            num_processes=_env_int("JAX_NUM_PROCESSES"),
+            process_id=_env_int("JAX_PROCESS_ID"),
+        )
     if (_env_int("WORLD_SIZE") or 1) > 1 and os.environ.get("MASTER_ADDR"):
         port = os.environ.get("MASTER_PORT", "29500")
-        return dict(coordinator_address=f"{os.environ['MASTER_ADDR']}:{port}",
-                    num_processes=_env_int("WORLD_SIZE"), process_id=_env_int("RANK"))
+        return dict(
+            coordinator_address=f"{os.environ['MASTER_ADDR']}:{port}",
+            num_processes=_env_int("WORLD_SIZE"),
+            process_id=_env_int("RANK"),
+        )
     if force or _auto_detected():
         return {}
     return None
 
 
-def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
-               process_id: Optional[int] = None, force: bool = False) -> bool:
+def initialize(
+    coordinator_address: Optional[str] = None,
+    num_processes: Optional[int] = None,
+    process_id: Optional[int] = None,
+    force: bool = False,
+) -> bool:
     """Joins the process group if there is one; returns True if ``jax.distributed`` was started.
     ``force``: call ``jax.distributed.initialize()`` and let jax find the cluster (Cloud TPU pods)."""
     kwargs = resolve(coordinator_address, num_processes, process_id, force)

@@ -97,6 +97,9 @@ def json_checksum(value: Any) -> str:
 def compare(saved: dict, actual: dict) -> list[str]:
     """Lines naming every array whose checksum (or presence) differs."""
     bad = [f"{p}: missing after restore" for p in sorted(set(saved) - set(actual))]
-    bad += [f"{p}: checksum {actual[p][2]}, saved {saved[p][2]}" for p in sorted(set(saved) & set(actual))
-            if saved[p][2] != actual[p][2]]
+    bad += [
+        f"{p}: checksum {actual[p][2]}, saved {saved[p][2]}"
+        for p in sorted(set(saved) & set(actual))
+        if saved[p][2] != actual[p][2]
+    ]
     return bad

@@ -17,13 +17,17 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (resumes if it holds checkpoints). "
-                               "Default: a fresh folder under ./runs.")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Run directory (resumes if it holds checkpoints). Default: a fresh folder under ./runs."
+)
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for several processes.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (hosts) in the job.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() and let jax "
-                                 "detect the cluster (Cloud TPU pod slices, SLURM, Open MPI).")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed",
+    False,
+    "Call jax.distributed.initialize() and let jax detect the cluster (Cloud TPU pod slices, SLURM, Open MPI).",
+)
 _TRACEBACK = flags.DEFINE_bool("traceback", False, "On an error, show the Python traceback, not one line.")
 flags.mark_flags_as_required(["config"])
 
@@ -57,10 +61,13 @@ def main(argv):
         name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
         workdir = os.path.join("runs", f"{name}-{stamp}")
     from train import distributed  # before any device is touched
+
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, force=_DISTRIBUTED.value)
     from train.paths import resolve
+
     print(f"workdir: {resolve(workdir)}", flush=True)
     from train.trainer import train_and_evaluate  # after flag parsing: jax starts here
+
     try:
         summary = train_and_evaluate(config, workdir)
     except _USER_ERRORS as e:

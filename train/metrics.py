@@ -54,8 +54,16 @@ class MetricWriter:
     ``self.superseded``. Only process 0 writes; on other processes every method is a no-op.
     """
 
-    def __init__(self, workdir, *, total_steps: int, start_step: int = 0, enable_tensorboard: bool = True,
-                 console: bool = True, remote_flush_secs: float = 30.0):
+    def __init__(
+        self,
+        workdir,
+        *,
+        total_steps: int,
+        start_step: int = 0,
+        enable_tensorboard: bool = True,
+        console: bool = True,
+        remote_flush_secs: float = 30.0,
+    ):
         self.workdir = paths_lib.resolve(workdir)
         self._active = jax.process_index() == 0
         self._file = self._tb = self._bar = None
@@ -67,15 +75,21 @@ class MetricWriter:
         self._file = AppendLog(self.workdir / METRICS_FILE, flush_secs=remote_flush_secs)
         if enable_tensorboard:
             from tensorboardX import SummaryWriter
+
             logdir = self.workdir / "tb"
             if paths_lib.is_remote(logdir):
                 _register_remote_event_files(str(logdir).split("://")[0])
             # A unique suffix: tensorboardX names files by the second, and a restart within the same
             # second would otherwise truncate the previous run's event file.
-            self._tb = SummaryWriter(str(logdir), purge_step=start_step + 1, filename_suffix=f".{uuid.uuid4().hex[:8]}",
-                                     flush_secs=remote_flush_secs if paths_lib.is_remote(logdir) else 120)
+            self._tb = SummaryWriter(
+                str(logdir),
+                purge_step=start_step + 1,
+                filename_suffix=f".{uuid.uuid4().hex[:8]}",
+                flush_secs=remote_flush_secs if paths_lib.is_remote(logdir) else 120,
+            )
         if console:
             from tqdm import tqdm
+
             self._bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, unit="step", smoothing=0.1)
 
     def write(self, step: int, metrics: dict):
@@ -255,4 +269,5 @@ class _RemoteEventFiles:
 
 def _register_remote_event_files(scheme: str):
     from tensorboardX import record_writer
+
     record_writer.register_writer_factory(scheme, _RemoteEventFiles())

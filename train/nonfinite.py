@@ -52,8 +52,10 @@ class NonFiniteGuard:
         if self.in_a_row == 1:
             self.ckpt.protect([self.verified, self.unverified])
         if self.in_a_row >= self.max_in_a_row:
-            raise NonFiniteError(f"{self.in_a_row} consecutive non-finite steps (last: {step}); stopping. "
-                                 f"{self.good_checkpoint()}; lower optimizer.lr or check the data.")
+            raise NonFiniteError(
+                f"{self.in_a_row} consecutive non-finite steps (last: {step}); stopping. "
+                f"{self.good_checkpoint()}; lower optimizer.lr or check the data."
+            )
         return f"update skipped ({self.in_a_row} in a row; no checkpoint is saved until a finite step)"
 
     def good_checkpoint(self) -> str:
@@ -63,6 +65,8 @@ class NonFiniteGuard:
         else:
             msg = f"No checkpoint in {where} is known good (none was followed by a finite step)"
         if self.unverified is not None:
-            msg += (f"; step {self.unverified} holds the state the non-finite steps started from "
-                    f"(possibly already diverged)")
+            msg += (
+                f"; step {self.unverified} holds the state the non-finite steps started from "
+                f"(possibly already diverged)"
+            )
         return msg

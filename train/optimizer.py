@@ -76,8 +76,11 @@ def make_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
     if total_steps <= 0 or warmup < 0:
         raise ValueError(f"need warmup_steps={warmup} >= 0 and total_steps={total_steps} > 0")
     if warmup > total_steps:
-        warnings.warn(f"optimizer.warmup_steps={warmup} exceeds the run's {total_steps} steps; "
-                      f"warming up over all {total_steps} steps instead", stacklevel=1)  # one warning per run
+        warnings.warn(
+            f"optimizer.warmup_steps={warmup} exceeds the run's {total_steps} steps; "
+            f"warming up over all {total_steps} steps instead",
+            stacklevel=1,
+        )  # one warning per run
         warmup = total_steps
     decay_steps = 0
     if kind == "wsd":
@@ -123,14 +126,16 @@ def make_optimizer(opt_cfg, total_steps: int) -> optax.GradientTransformation:
 def check_optimizer_config(opt_cfg) -> None:
     """Refuses values that train nonsense silently (a negative lr ascends the loss)."""
     c = opt_cfg
-    checks = [("lr", math.isfinite(float(c.lr)) and float(c.lr) >= 0, "a finite number >= 0"),
-              ("warmup_steps", int(c.warmup_steps) >= 0, ">= 0"),
-              ("min_lr_ratio", 0.0 <= float(c.min_lr_ratio) <= 1.0, "in [0, 1]"),
-              ("b1", 0.0 <= float(c.b1) < 1.0, "in [0, 1)"),
-              ("b2", 0.0 <= float(c.b2) < 1.0, "in [0, 1)"),
-              ("eps", float(c.eps) > 0, "> 0"),
-              ("weight_decay", float(c.weight_decay) >= 0, ">= 0"),
-              ("clip_norm", not c.clip_norm or float(c.clip_norm) > 0, "> 0 (or 0/None: no clipping)")]
+    checks = [
+        ("lr", math.isfinite(float(c.lr)) and float(c.lr) >= 0, "a finite number >= 0"),
+        ("warmup_steps", int(c.warmup_steps) >= 0, ">= 0"),
+        ("min_lr_ratio", 0.0 <= float(c.min_lr_ratio) <= 1.0, "in [0, 1]"),
+        ("b1", 0.0 <= float(c.b1) < 1.0, "in [0, 1)"),
+        ("b2", 0.0 <= float(c.b2) < 1.0, "in [0, 1)"),
+        ("eps", float(c.eps) > 0, "> 0"),
+        ("weight_decay", float(c.weight_decay) >= 0, ">= 0"),
+        ("clip_norm", not c.clip_norm or float(c.clip_norm) > 0, "> 0 (or 0/None: no clipping)"),
+    ]
     for name, ok, want in checks:
         if not ok:
             raise ValueError(f"optimizer.{name} must be {want}, got {c[name]}")

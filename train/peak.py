@@ -65,8 +65,9 @@ def datasheet_peak(device_kind: str, dtype: str) -> tuple[float, str] | None:
     return None
 
 
-def peak_flops(config_value: float | None, *, device_kind: str, dtype: str,
-               local_devices: int = 1) -> tuple[float, str]:
+def peak_flops(
+    config_value: float | None, *, device_kind: str, dtype: str, local_devices: int = 1
+) -> tuple[float, str]:
     """Peak FLOP/s of one device and where the number comes from (see the module docstring).
 
     ``local_devices``: JAX devices sharing this host's CPU cores (the measured fallback is split
@@ -95,7 +96,7 @@ def measure_cpu_matmul(n: int = 1024, inner: int = 4, reps: int = 8) -> tuple[fl
     kx, kw = jax.random.split(jax.random.key(0))
     cpu = jax.devices("cpu")[0]
     x = jax.device_put(jax.random.normal(kx, (n, n), jnp.float32), cpu)
-    w = jax.device_put(jax.random.normal(kw, (n, n), jnp.float32) / n ** 0.5, cpu)  # keeps |y| ~ |x|
+    w = jax.device_put(jax.random.normal(kw, (n, n), jnp.float32) / n**0.5, cpu)  # keeps |y| ~ |x|
     chain(x, w).block_until_ready()  # compile
     best = float("inf")
     for _ in range(reps):
@@ -103,5 +104,5 @@ def measure_cpu_matmul(n: int = 1024, inner: int = 4, reps: int = 8) -> tuple[fl
         chain(x, w).block_until_ready()
         best = min(best, time.process_time() - t0)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    flops = 2 * n ** 3 * inner / max(best, 1e-9) * cores
+    flops = 2 * n**3 * inner / max(best, 1e-9) * cores
     return flops, f"f32 {n}x{n} matmul per CPU-second x {cores} cores"

@@ -54,8 +54,9 @@ def read_summary(workdir) -> dict | None:
 
 def _git(*args, repo_dir) -> str | None:
     try:
-        return subprocess.run(["git", *args], cwd=repo_dir, capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", *args], cwd=repo_dir, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -95,16 +96,20 @@ def config_changes(before: dict, after: dict) -> dict:
     """``{"optimizer.lr": [old, new], ...}``: the leaves that differ between two config dicts
     (a field only one of them has shows ``"<absent>"`` on the other side)."""
     a, b = _flatten(json.loads(json.dumps(before, default=str))), _flatten(json.loads(json.dumps(after, default=str)))
-    return {k: [a.get(k, _MISSING), b.get(k, _MISSING)] for k in sorted(set(a) | set(b))
-            if a.get(k, _MISSING) != b.get(k, _MISSING)}
+    return {
+        k: [a.get(k, _MISSING), b.get(k, _MISSING)]
+        for k in sorted(set(a) | set(b))
+        if a.get(k, _MISSING) != b.get(k, _MISSING)
+    }
 
 
 def format_changes(changes: dict) -> str:
     return ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
 
 
-def write_run_info(workdir, config_dict, *, start_step: int = 0, changes: dict | None = None,
-                   superseded_lines: int = 0) -> dict:
+def write_run_info(
+    workdir, config_dict, *, start_step: int = 0, changes: dict | None = None, superseded_lines: int = 0
+) -> dict:
     """Records this start: on the first, ``config.json`` and ``run_info.json``; on every later one,
     an entry appended to ``run_info.json["resumes"]``. Returns this start's entry."""
     if hasattr(config_dict, "to_dict"):  # ml_collections.ConfigDict

@@ -35,7 +35,8 @@ from typing import Any, Callable, Optional
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from model.moe_ep import ExpertParallel
 
@@ -85,18 +86,23 @@ def mesh_shape(mesh_cfg, n_devices: int) -> dict[str, int]:
     fixed = math.prod(s for s in sizes.values() if s != -1)
     if free:
         if n_devices % fixed:
-            raise MeshConfigError(f"mesh {sizes}: the fixed axes ({fixed} devices) do not divide the "
-                                  f"{n_devices} devices, so mesh.{free[0]}=-1 has no valid size")
+            raise MeshConfigError(
+                f"mesh {sizes}: the fixed axes ({fixed} devices) do not divide the "
+                f"{n_devices} devices, so mesh.{free[0]}=-1 has no valid size"
+            )
         sizes[free[0]] = n_devices // fixed
     total = math.prod(sizes.values())
     if total != 1 and total != n_devices:
-        raise MeshConfigError(f"mesh {sizes} has {total} devices but there are {n_devices} "
-                              f"({jax.process_count()} process(es)); the product of mesh.data, "
-                              f"mesh.fsdp, mesh.expert and mesh.tensor must equal the device count "
-                              f"(or be 1 for a single-device run); one axis may be -1")
+        raise MeshConfigError(
+            f"mesh {sizes} has {total} devices but there are {n_devices} "
+            f"({jax.process_count()} process(es)); the product of mesh.data, "
+            f"mesh.fsdp, mesh.expert and mesh.tensor must equal the device count "
+            f"(or be 1 for a single-device run); one axis may be -1"
+        )
     if total == 1 and jax.process_count() > 1:
-        raise MeshConfigError(f"a 1-device mesh cannot span {jax.process_count()} processes; set "
-                              f"e.g. --config.mesh.data=-1")
+        raise MeshConfigError(
+            f"a 1-device mesh cannot span {jax.process_count()} processes; set e.g. --config.mesh.data=-1"
+        )
     return sizes
 
 
@@ -130,9 +136,11 @@ def check_fits(sizes: dict[str, int], cfg, *, global_batch_size: int, microbatch
             errors.append(f"mesh.tensor={t} does not divide model.{name}={width}")
     rows = batch_parallelism(sizes) * microbatches
     if global_batch_size % rows:
-        errors.append(f"train.global_batch_size={global_batch_size} is not divisible by mesh.data x "
-                      f"mesh.fsdp x mesh.expert ({batch_parallelism(sizes)}, the batch is split over "
-                      f"all three) x train.microbatches ({microbatches})")
+        errors.append(
+            f"train.global_batch_size={global_batch_size} is not divisible by mesh.data x "
+            f"mesh.fsdp x mesh.expert ({batch_parallelism(sizes)}, the batch is split over "
+            f"all three) x train.microbatches ({microbatches})"
+        )
     if errors:
         raise MeshConfigError(f"mesh {sizes} does not fit the config:\n  " + "\n  ".join(errors))
 
@@ -173,6 +181,7 @@ def _is_var(x) -> bool:
 def tree_shardings(tree: Any, mesh: Mesh) -> Any:
     """NamedSharding for every array leaf: from ``axes`` metadata for ``nnx.Param`` (params and
     Adam moments alike), replicated for everything else (step, rng, router bias and load, ...)."""
+
     def leaf(x):
         if _is_var(x):
             axes = x.get_metadata().get("axes") if isinstance(x, nnx.Param) else None
@@ -180,6 +189,7 @@ def tree_shardings(tree: Any, mesh: Mesh) -> Any:
             spec = logical_to_spec(axes, shape, mesh) if axes is not None else P()
             return x.replace(NamedSharding(mesh, spec))
         return NamedSharding(mesh, P())
+
     return jax.tree.map(leaf, tree, is_leaf=_is_var)
 
 
@@ -207,8 +217,9 @@ def expert_parallel(mesh: Mesh) -> Optional[ExpertParallel]:
     """The MoE layers' ``shard_map`` layout on ``mesh`` under ``RULES`` (None for one device)."""
     if mesh.size == 1:
         return None
-    return ExpertParallel(mesh, batch=RULES["batch"], expert=RULES["expert"], mlp=RULES["expert_mlp"],
-                          heads=RULES["heads"])
+    return ExpertParallel(
+        mesh, batch=RULES["batch"], expert=RULES["expert"], mlp=RULES["expert_mlp"], heads=RULES["heads"]
+    )
 
 
 def global_batch(local: dict, mesh: Mesh) -> dict:
@@ -217,8 +228,10 @@ def global_batch(local: dict, mesh: Mesh) -> dict:
     process order, a row permutation of the 1-process batch, which changes no loss)."""
     sharding = batch_sharding(mesh)
     pc = jax.process_count()
-    return {k: jax.make_array_from_process_local_data(sharding, v, (v.shape[0] * pc,) + v.shape[1:])
-            for k, v in local.items()}
+    return {
+        k: jax.make_array_from_process_local_data(sharding, v, (v.shape[0] * pc,) + v.shape[1:])
+        for k, v in local.items()
+    }
 
 
 class MeshJit:

@@ -47,4 +47,3 @@ def abstract_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int
 
     shapes = jax.eval_shape(make)
     return out["graphdef"], shapes
-

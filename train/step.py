@@ -35,8 +35,13 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, train_cfg, ep=No
         losses = lm_losses(out, mb, mtp_w)
         balance = alpha * out.aux["balance_loss"]
         loss = losses["main_loss"] + losses["mtp_loss"] + balance
-        metrics = {"loss": loss, "main_loss": losses["main_loss"], "mtp_loss": losses["mtp_loss"],
-                   "balance_loss": balance, "dropped_tokens": out.aux["dropped"].astype(jnp.float32)}
+        metrics = {
+            "loss": loss,
+            "main_loss": losses["main_loss"],
+            "mtp_loss": losses["mtp_loss"],
+            "balance_loss": balance,
+            "dropped_tokens": out.aux["dropped"].astype(jnp.float32),
+        }
         return loss, (metrics, out.aux["expert_load"])
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -52,7 +57,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, train_cfg, ep=No
             return (jax.tree.map(add, g_acc, g), jax.tree.map(add, m_acc, m), jax.tree.map(add, load_acc, load)), None
 
         zeros_g = jax.tree.map(lambda p: jnp.zeros_like(p, jnp.float32), params)  # f32 sums (V3 report Sec. 3.3)
-        zeros_m = {k: jnp.zeros((), jnp.float32) for k in ("loss", "main_loss", "mtp_loss", "balance_loss", "dropped_tokens")}
+        zeros_m = {
+            k: jnp.zeros((), jnp.float32) for k in ("loss", "main_loss", "mtp_loss", "balance_loss", "dropped_tokens")
+        }
         zeros_l = jnp.zeros(load_shape(nnx.merge(graphdef, params, rest)), jnp.float32)  # [l, e]
         (grads, metrics, loads), _ = jax.lax.scan(accumulate, (zeros_g, zeros_m, zeros_l), micro)
         grads = jax.tree.map(lambda g: g / n_micro, grads)
@@ -78,38 +85,53 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, train_cfg, ep=No
             "rng": state["rng"],
             "skipped": state["skipped"] + (~finite).astype(jnp.int32),
         }
-        metrics.update(grad_norm=grad_norm, finite=finite,
-                       maxvio=max_violation(loads),
-                       expert_load=loads / jnp.maximum(loads.sum(-1, keepdims=True), 1.0))
+        metrics.update(
+            grad_norm=grad_norm,
+            finite=finite,
+            maxvio=max_violation(loads),
+            expert_load=loads / jnp.maximum(loads.sum(-1, keepdims=True), 1.0),
+        )
         return new_state, metrics
 
     return train_step
 
 
-def sharded_train_step(graphdef, tx: optax.GradientTransformation, train_cfg, mesh, state_sh, *,
-                       donate: bool = True) -> sharding.MeshJit:
+def sharded_train_step(
+    graphdef, tx: optax.GradientTransformation, train_cfg, mesh, state_sh, *, donate: bool = True
+) -> sharding.MeshJit:
     """``make_train_step`` jitted on ``mesh``: state in and out with ``state_sh``, the batch split over
     the batch axes, metrics replicated; the input state is donated unless ``donate=False``."""
     step = make_train_step(graphdef, tx, train_cfg, sharding.expert_parallel(mesh))
-    return sharding.MeshJit(step, mesh, donate_argnums=(0,) if donate else (),
-                            in_shardings=(state_sh, sharding.batch_sharding(mesh)),
-                            out_shardings=(state_sh, sharding.replicated(mesh)))
+    return sharding.MeshJit(
+        step,
+        mesh,
+        donate_argnums=(0,) if donate else (),
+        in_shardings=(state_sh, sharding.batch_sharding(mesh)),
+        out_shardings=(state_sh, sharding.replicated(mesh)),
+    )
 
 
 def make_eval_step(graphdef, ep=None):
     """Dropless (``train=False``) evaluation sums; ``ep`` as in ``make_train_step``."""
+
     def eval_step(params, rest, batch):
         model = nnx.merge(graphdef, params, rest)
         out = model(batch["inputs"], batch["positions"], batch["segment_ids"], ep=ep)
         mask = batch["loss_mask"].astype(jnp.float32)
         nll = token_cross_entropy(out.logits, batch["targets"])
-        return {"nll_sum": jnp.sum(nll * mask), "tokens": jnp.sum(mask),
-                "bytes": jnp.sum(batch["target_bytes"].astype(jnp.float32) * mask)}
+        return {
+            "nll_sum": jnp.sum(nll * mask),
+            "tokens": jnp.sum(mask),
+            "bytes": jnp.sum(batch["target_bytes"].astype(jnp.float32) * mask),
+        }
 
     return eval_step
 
 
 def eval_metrics(sums: dict) -> dict:
     loss = sums["nll_sum"] / max(sums["tokens"], 1.0)
-    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)),
-            "eval_bits_per_byte": sums["nll_sum"] / math.log(2) / max(sums["bytes"], 1.0)}
+    return {
+        "eval_loss": loss,
+        "eval_perplexity": math.exp(min(loss, 50.0)),
+        "eval_bits_per_byte": sums["nll_sum"] / math.log(2) / max(sums["bytes"], 1.0),
+    }

@@ -104,8 +104,10 @@ class HFTokenizer:
         try:
             self._tok = tokenizers.Tokenizer.from_str(p.read_text())
         except Exception as e:  # noqa: BLE001 -- tokenizers raises a bare Exception for a malformed file
-            raise ValueError(f"data.tokenizer: cannot read {str(p)!r} as a Hugging Face tokenizer.json "
-                             f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+            raise ValueError(
+                f"data.tokenizer: cannot read {str(p)!r} as a Hugging Face tokenizer.json "
+                f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
+            ) from None
         # Text that spells a special token ("<s>" in a source file) is encoded as plain text.
         self._tok.encode_special_tokens = True
         base = self._tok.get_vocab_size(with_added_tokens=True)

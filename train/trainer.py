@@ -30,8 +30,7 @@ from jax.experimental import multihost_utils
 from model.config import ModelConfig
 from train import data as data_lib
 from train import paths as paths_lib
-from train import provenance
-from train import sharding
+from train import provenance, sharding
 from train import workdir as workdir_lib
 from train.checkpoint import Checkpointer
 from train.flops import model_flops_per_token
@@ -42,7 +41,6 @@ from train.peak import peak_flops
 from train.state import abstract_state, init_state
 from train.step import eval_metrics, make_eval_step, sharded_train_step
 
-
 __all__ = ["NonFiniteError", "train_and_evaluate"]
 
 
@@ -51,12 +49,20 @@ def _check_batch_config(config) -> None:
     if t.microbatches < 1:
         raise ValueError(f"train.microbatches must be >= 1, got {t.microbatches}")
     if t.global_batch_size % (t.microbatches * jax.process_count()) != 0:
-        raise ValueError(f"train.global_batch_size={t.global_batch_size} must be divisible by "
-                         f"train.microbatches={t.microbatches} x processes={jax.process_count()}")
+        raise ValueError(
+            f"train.global_batch_size={t.global_batch_size} must be divisible by "
+            f"train.microbatches={t.microbatches} x processes={jax.process_count()}"
+        )
     if t.steps <= 0:
         raise ValueError(f"train.steps must be > 0, got {t.steps}")
-    for name in ("eval_every", "checkpoint_every", "keep_checkpoints", "max_nonfinite_steps", "log_every",
-                 "eval_batches"):
+    for name in (
+        "eval_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "max_nonfinite_steps",
+        "log_every",
+        "eval_batches",
+    ):
         if t[name] < 1:
             raise ValueError(f"train.{name} must be >= 1, got {t[name]}")
     check_optimizer_config(config.optimizer)
@@ -93,13 +99,17 @@ def _check_model_and_tokenizer(config, mesh):
     mesh_sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
     cfg = ModelConfig.from_dict(config.model.to_dict())
     if cfg.param_dtype != "float32":  # master weights (DeepSeek-V3 report Sec. 3.3)
-        raise ValueError(f"model.param_dtype={cfg.param_dtype!r}: training keeps float32 parameters; "
-                         f"set model.dtype for {cfg.param_dtype} compute (optimizer.mu_dtype for the moments)")
+        raise ValueError(
+            f"model.param_dtype={cfg.param_dtype!r}: training keeps float32 parameters; "
+            f"set model.dtype for {cfg.param_dtype} compute (optimizer.mu_dtype for the moments)"
+        )
     sharding.check_fits(mesh_sizes, cfg, global_batch_size=tc.global_batch_size, microbatches=tc.microbatches)
     tokenizer = data_lib.load_tokenizer(config.data)
     if tokenizer.vocab_size > cfg.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but model.vocab_size is {cfg.vocab_size}: "
-                         f"set --config.model.vocab_size to at least {tokenizer.vocab_size}")
+        raise ValueError(
+            f"tokenizer has {tokenizer.vocab_size} ids but model.vocab_size is {cfg.vocab_size}: "
+            f"set --config.model.vocab_size to at least {tokenizer.vocab_size}"
+        )
     if config.data.seq_len > cfg.max_seq_len:
         raise ValueError(f"data.seq_len={config.data.seq_len} exceeds model.max_seq_len={cfg.max_seq_len}")
     return cfg, tokenizer
@@ -111,15 +121,23 @@ def _train_and_evaluate(config, workdir, mesh, cfg, tokenizer, on_step) -> dict:
     model_dict = cfg.identity()
 
     # ---- checkpoints: refuse a different model before doing any work ----
-    ckpt = Checkpointer(workdir / "checkpoints", keep=tc.keep_checkpoints, save_every=tc.checkpoint_every,
-                        async_save=tc.async_checkpoint)
+    ckpt = Checkpointer(
+        workdir / "checkpoints",
+        keep=tc.keep_checkpoints,
+        save_every=tc.checkpoint_every,
+        async_save=tc.async_checkpoint,
+    )
     tx = make_optimizer(config.optimizer, tc.steps)
     schedule = make_schedule(config.optimizer, tc.steps)
     graphdef, abstract = abstract_state(cfg, tx, tc.seed)
     state_sh = sharding.tree_shardings(abstract, mesh)  # restores onto this mesh, whatever wrote it
     try:
-        restored = ckpt.restore(sharding.with_shardings(abstract, state_sh), expected_model=model_dict,
-                                allow_fallback=tc.restore_fallback, fresh_start_ok=tc.start_from_scratch)
+        restored = ckpt.restore(
+            sharding.with_shardings(abstract, state_sh),
+            expected_model=model_dict,
+            allow_fallback=tc.restore_fallback,
+            fresh_start_ok=tc.start_from_scratch,
+        )
     except BaseException:
         ckpt.close()
         raise
@@ -128,26 +146,35 @@ def _train_and_evaluate(config, workdir, mesh, cfg, tokenizer, on_step) -> dict:
     if start_step >= tc.steps and (done := provenance.read_summary(workdir)) is not None:
         ckpt.close()
         if jax.process_index() == 0:
-            print(f"{workdir} holds a finished run (checkpoint step {start_step}, train.steps={tc.steps}): "
-                  f"nothing to do, nothing changed. Raise train.steps to train further.", flush=True)
+            print(
+                f"{workdir} holds a finished run (checkpoint step {start_step}, train.steps={tc.steps}): "
+                f"nothing to do, nothing changed. Raise train.steps to train further.",
+                flush=True,
+            )
         return done
     changes = {} if restored is None else provenance.config_changes(restored[3].get("config", {}), config_json)
 
-    writer = MetricWriter(workdir, total_steps=tc.steps, start_step=start_step, enable_tensorboard=tc.tensorboard,
-                          console=tc.progress)
-    provenance.write_run_info(workdir, config.to_dict(), start_step=start_step, changes=changes,
-                              superseded_lines=writer.superseded)
+    writer = MetricWriter(
+        workdir, total_steps=tc.steps, start_step=start_step, enable_tensorboard=tc.tensorboard, console=tc.progress
+    )
+    provenance.write_run_info(
+        workdir, config.to_dict(), start_step=start_step, changes=changes, superseded_lines=writer.superseded
+    )
     if writer.superseded:
-        writer.log(f"Moved {writer.superseded} metric lines after step {start_step} (written by the interrupted "
-                   f"run) to metrics.superseded.jsonl")
+        writer.log(
+            f"Moved {writer.superseded} metric lines after step {start_step} (written by the interrupted "
+            f"run) to metrics.superseded.jsonl"
+        )
 
     # ---- state ----
     if restored is not None:
         start_step, state, data_state, _ = restored
         writer.log(f"Resumed from {ckpt.directory}/{start_step}")
         if changes:
-            writer.log(f"Config changed since that checkpoint (recorded in run_info.json): "
-                       f"{provenance.format_changes(changes)}")
+            writer.log(
+                f"Config changed since that checkpoint (recorded in run_info.json): "
+                f"{provenance.format_changes(changes)}"
+            )
     else:
         start_step, data_state = 0, None
         state = sharding.create(lambda: init_state(cfg, tx, tc.seed)[1], state_sh, mesh)
@@ -155,8 +182,10 @@ def _train_and_evaluate(config, workdir, mesh, cfg, tokenizer, on_step) -> dict:
             state = _load_init_checkpoint(tc.init_checkpoint, state, model_dict)
             writer.log(f"Initialised parameters from {tc.init_checkpoint}")
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
-    writer.log(f"Model: {n_params / 1e6:.2f}M parameters; mesh {mesh_sizes} over {jax.device_count()} "
-               f"{jax.devices()[0].platform} device(s) in {jax.process_count()} process(es)")
+    writer.log(
+        f"Model: {n_params / 1e6:.2f}M parameters; mesh {mesh_sizes} over {jax.device_count()} "
+        f"{jax.devices()[0].platform} device(s) in {jax.process_count()} process(es)"
+    )
 
     # ---- data ----
     pi, pc = jax.process_index(), jax.process_count()
@@ -164,18 +193,24 @@ def _train_and_evaluate(config, workdir, mesh, cfg, tokenizer, on_step) -> dict:
     train_iter = data_lib.make_train_iterator(config.data, global_batch_size=tc.global_batch_size, **shards)
     if data_state is not None:
         train_iter.set_state(data_state)
-    eval_batches = data_lib.make_eval_batches(config.data, batch_size=tc.global_batch_size,
-                                              num_batches=tc.eval_batches, **shards)
+    eval_batches = data_lib.make_eval_batches(
+        config.data, batch_size=tc.global_batch_size, num_batches=tc.eval_batches, **shards
+    )
     eval_batches = [sharding.global_batch(b, mesh) for b in eval_batches]
 
     # ---- compiled steps: state keeps its shardings, batches are split over the batch axes ----
     batch_sh, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
     train_step = sharded_train_step(graphdef, tx, tc, mesh, state_sh)
-    eval_step = sharding.MeshJit(make_eval_step(graphdef, sharding.expert_parallel(mesh)), mesh, out_shardings=replicated,
-                                 in_shardings=(state_sh["params"], state_sh["rest"], batch_sh))
+    eval_step = sharding.MeshJit(
+        make_eval_step(graphdef, sharding.expert_parallel(mesh)),
+        mesh,
+        out_shardings=replicated,
+        in_shardings=(state_sh["params"], state_sh["rest"], batch_sh),
+    )
     flops_per_token = model_flops_per_token(cfg, config.data.seq_len)
-    peak, peak_src = peak_flops(tc.peak_flops, device_kind=jax.devices()[0].device_kind, dtype=cfg.dtype,
-                                local_devices=len(mesh.local_devices))
+    peak, peak_src = peak_flops(
+        tc.peak_flops, device_kind=jax.devices()[0].device_kind, dtype=cfg.dtype, local_devices=len(mesh.local_devices)
+    )
     peak_total = peak * mesh.size  # the devices this run computes on (1 for the default mesh)
     writer.log(f"MFU denominator: {peak_total / 1e12:.3f} TFLOP/s ({peak_src})")
 
@@ -232,13 +267,19 @@ def _train_and_evaluate(config, workdir, mesh, cfg, tokenizer, on_step) -> dict:
             ckpt.poll()  # a failed async save stops the run now
             if step % tc.log_every == 0 or step == tc.steps:
                 tps = tokens_per_step / dt
-                metrics.update(lr=float(schedule(step - 1)), tokens_per_sec=tps,
-                               mfu=tps * flops_per_token / peak_total, skipped_steps=int(state["skipped"]))
+                metrics.update(
+                    lr=float(schedule(step - 1)),
+                    tokens_per_sec=tps,
+                    mfu=tps * flops_per_token / peak_total,
+                    skipped_steps=int(state["skipped"]),
+                )
                 writer.write(step, metrics)
             note = guard.after_step(step, finite)  # raises NonFiniteError after too many in a row
             if note:
-                writer.log(f"step {step}: non-finite loss/gradient (loss={metrics['loss']}, "
-                           f"grad_norm={metrics['grad_norm']}); {note}")
+                writer.log(
+                    f"step {step}: non-finite loss/gradient (loss={metrics['loss']}, "
+                    f"grad_norm={metrics['grad_norm']}); {note}"
+                )
             if on_step is not None:
                 on_step(step)
             if step % tc.eval_every == 0 or step == tc.steps:

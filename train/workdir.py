@@ -53,9 +53,14 @@ class WorkdirLockedError(WorkdirError):
 
 
 def _holder_record(token: str) -> dict:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "token": token,
-            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "heartbeat": time.time(),
-            "command": " ".join(sys.argv)[:300]}
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "token": token,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "heartbeat": time.time(),
+        "command": " ".join(sys.argv)[:300],
+    }
 
 
 def _describe(text: str) -> str:
@@ -100,12 +105,15 @@ class _FileLock:
             holder = os.pread(self._fd, 4096, 0).decode(errors="replace")
             os.close(self._fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise WorkdirLockedError(f"workdir {path.parent} is in use by {_describe(holder)}; "
-                                         f"one trainer per workdir (lock: {path})") from None
+                raise WorkdirLockedError(
+                    f"workdir {path.parent} is in use by {_describe(holder)}; one trainer per workdir (lock: {path})"
+                ) from None
             if e.errno in _NO_LOCKS:
-                raise WorkdirError(f"workdir {path.parent}: its filesystem does not support file locks "
-                                   f"({e.strerror}); refusing to run without one (use a local or NFS "
-                                   f"disk, or a gs:// bucket)") from None
+                raise WorkdirError(
+                    f"workdir {path.parent}: its filesystem does not support file locks "
+                    f"({e.strerror}); refusing to run without one (use a local or NFS "
+                    f"disk, or a gs:// bucket)"
+                ) from None
             raise WorkdirError(f"cannot lock {path}: {e.strerror or e}") from None
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, json.dumps(_holder_record(uuid.uuid4().hex)).encode(), 0)
@@ -127,13 +135,16 @@ class _LeaseLock:
             raise WorkdirLockedError(
                 f"workdir {path.parent} is in use by {_describe(json.dumps(held))}, lease renewed "
                 f"{now - float(held['heartbeat']):.0f} s ago; one trainer per workdir (lease: {path}; "
-                f"if that run is dead, wait {_LEASE_TTL_S:.0f} s or delete the file)")
+                f"if that run is dead, wait {_LEASE_TTL_S:.0f} s or delete the file)"
+            )
         self._write()
         time.sleep(_LEASE_SETTLE_S)
         mine = self._read()
         if not mine or mine.get("token") != self._token:
-            raise WorkdirLockedError(f"workdir {path.parent} was taken at the same time by "
-                                     f"{_describe(json.dumps(mine or {}))}; one trainer per workdir")
+            raise WorkdirLockedError(
+                f"workdir {path.parent} was taken at the same time by "
+                f"{_describe(json.dumps(mine or {}))}; one trainer per workdir"
+            )
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="workdir-lease", daemon=True)
         self._thread.start()

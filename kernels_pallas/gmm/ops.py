@@ -19,8 +19,15 @@ from kernels_pallas.gmm.kernel import BlockSizes
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
 def _gmm(lhs, rhs, group_sizes, transpose_rhs, preferred_element_type, tiling, interpret):
-    return kernel.gmm(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs,
-                      preferred_element_type=preferred_element_type, tiling=tiling, interpret=interpret)
+    return kernel.gmm(
+        lhs,
+        rhs,
+        group_sizes,
+        transpose_rhs=transpose_rhs,
+        preferred_element_type=preferred_element_type,
+        tiling=tiling,
+        interpret=interpret,
+    )
 
 
 def _gmm_fwd(lhs, rhs, group_sizes, transpose_rhs, preferred_element_type, tiling, interpret):
@@ -30,10 +37,18 @@ def _gmm_fwd(lhs, rhs, group_sizes, transpose_rhs, preferred_element_type, tilin
 
 def _gmm_bwd(transpose_rhs, preferred_element_type, tiling, interpret, res, grad):
     lhs, rhs, group_sizes = res
-    d_lhs = kernel.gmm(grad, rhs, group_sizes, transpose_rhs=not transpose_rhs,
-                       preferred_element_type=lhs.dtype, tiling=tiling, interpret=interpret)  # [m, k]
-    d_rhs = kernel.tgmm(lhs, grad, group_sizes, preferred_element_type=rhs.dtype, tiling=tiling,
-                        interpret=interpret)  # [G, k, n]
+    d_lhs = kernel.gmm(
+        grad,
+        rhs,
+        group_sizes,
+        transpose_rhs=not transpose_rhs,
+        preferred_element_type=lhs.dtype,
+        tiling=tiling,
+        interpret=interpret,
+    )  # [m, k]
+    d_rhs = kernel.tgmm(
+        lhs, grad, group_sizes, preferred_element_type=rhs.dtype, tiling=tiling, interpret=interpret
+    )  # [G, k, n]
     if transpose_rhs:
         d_rhs = jnp.swapaxes(d_rhs, 1, 2)  # [G, n, k]
     return d_lhs, d_rhs, None
@@ -42,22 +57,41 @@ def _gmm_bwd(transpose_rhs, preferred_element_type, tiling, interpret, res, grad
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 
-def gmm(lhs, rhs, group_sizes, *, transpose_rhs: bool = False, preferred_element_type=None,
-        tiling: BlockSizes = BlockSizes(), interpret=None):
+def gmm(
+    lhs,
+    rhs,
+    group_sizes,
+    *,
+    transpose_rhs: bool = False,
+    preferred_element_type=None,
+    tiling: BlockSizes = BlockSizes(),
+    interpret=None,
+):
     """Grouped matmul: lhs [m, k], rhs [G, k, n] (or [G, n, k] with transpose_rhs), group_sizes [G]
     int32 with sum <= m -> [m, n] in preferred_element_type (default lhs.dtype), f32 accumulation.
     Rows past sum(group_sizes) give zeros; empty groups are allowed.
 
     interpret: None (interpret off TPU), bool, or ``pltpu.InterpretParams()``.
     """
-    return _gmm(lhs, rhs, group_sizes.astype(jnp.int32), transpose_rhs, preferred_element_type, tiling,
-                interpret_default(interpret))
+    return _gmm(
+        lhs,
+        rhs,
+        group_sizes.astype(jnp.int32),
+        transpose_rhs,
+        preferred_element_type,
+        tiling,
+        interpret_default(interpret),
+    )
 
 
-def tgmm(lhs, grad, group_sizes, *, preferred_element_type=None, tiling: BlockSizes = BlockSizes(),
-         interpret=None):
+def tgmm(lhs, grad, group_sizes, *, preferred_element_type=None, tiling: BlockSizes = BlockSizes(), interpret=None):
     """Grouped weight gradient: out[g] = lhs[rows of g]^T @ grad[rows of g]; lhs [m, k], grad [m, n],
     group_sizes [G] -> [G, k, n] (zeros for empty groups). Not differentiable."""
-    return kernel.tgmm(lhs, grad, group_sizes.astype(jnp.int32),
-                       preferred_element_type=preferred_element_type or lhs.dtype, tiling=tiling,
-                       interpret=interpret_default(interpret))
+    return kernel.tgmm(
+        lhs,
+        grad,
+        group_sizes.astype(jnp.int32),
+        preferred_element_type=preferred_element_type or lhs.dtype,
+        tiling=tiling,
+        interpret=interpret_default(interpret),
+    )

@@ -57,8 +57,9 @@ def _router_kernel(logits_ref, bias_ref, valid_ref, ids_ref, gates_ref, counts_r
             group_scores.append(top1)
         keep = jnp.zeros((bt, e), jnp.bool_)
         for h, s_h in enumerate(group_scores):  # rank of group h; ties favour the lower group index
-            rank = sum(((s > s_h) | ((s == s_h) & (j < h))).astype(jnp.int32)
-                       for j, s in enumerate(group_scores))  # [bt, 1]
+            rank = sum(
+                ((s > s_h) | ((s == s_h) & (j < h))).astype(jnp.int32) for j, s in enumerate(group_scores)
+            )  # [bt, 1]
             keep = keep | ((group_of == h) & (rank < cfg.topk_group))
         choice = jnp.where(keep, choice, neg_inf)
 
@@ -94,14 +95,21 @@ def route(logits, bias, valid, *, cfg: RouterConfig, block_sizes: BlockSizes = B
     ids, gates, counts = pl.pallas_call(
         functools.partial(_router_kernel, cfg=cfg),
         grid=(nb,),
-        in_specs=[pl.BlockSpec((bt, e), lambda i: (i, 0)), pl.BlockSpec((1, e), lambda i: (0, 0)),
-                  pl.BlockSpec((bt, 1), lambda i: (i, 0))],
-        out_specs=[pl.BlockSpec((bt, cfg.top_k), lambda i: (i, 0)),
-                   pl.BlockSpec((bt, cfg.top_k), lambda i: (i, 0)),
-                   pl.BlockSpec((None, 1, e), lambda i: (i, 0, 0))],
-        out_shape=[jax.ShapeDtypeStruct((tp, cfg.top_k), jnp.int32),
-                   jax.ShapeDtypeStruct((tp, cfg.top_k), jnp.float32),
-                   jax.ShapeDtypeStruct((nb, 1, e), jnp.int32)],  # per-block partial counts
+        in_specs=[
+            pl.BlockSpec((bt, e), lambda i: (i, 0)),
+            pl.BlockSpec((1, e), lambda i: (0, 0)),
+            pl.BlockSpec((bt, 1), lambda i: (i, 0)),
+        ],
+        out_specs=[
+            pl.BlockSpec((bt, cfg.top_k), lambda i: (i, 0)),
+            pl.BlockSpec((bt, cfg.top_k), lambda i: (i, 0)),
+            pl.BlockSpec((None, 1, e), lambda i: (i, 0, 0)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((tp, cfg.top_k), jnp.int32),
+            jax.ShapeDtypeStruct((tp, cfg.top_k), jnp.float32),
+            jax.ShapeDtypeStruct((nb, 1, e), jnp.int32),
+        ],  # per-block partial counts
         interpret=interpret,
     )(logits, bias.reshape(1, e), valid)
     return ids[:t], gates[:t], jnp.sum(counts, axis=(0, 1))

@@ -38,8 +38,7 @@ def _route_bwd(cfg, block_sizes, interpret, res, cotangents):
 _route.defvjp(_route_fwd, _route_bwd)
 
 
-def route(logits, bias, cfg: RouterConfig, valid=None, *, block_sizes: BlockSizes = BlockSizes(),
-          interpret=None):
+def route(logits, bias, cfg: RouterConfig, valid=None, *, block_sizes: BlockSizes = BlockSizes(), interpret=None):
     """logits [t, e] (f32), bias [e], valid [t] bool (default all) -> (ids [t, k] int32, gates [t, k]
     f32, counts [e] int32 over the valid tokens)."""
     valid = jnp.ones(logits.shape[:1], bool) if valid is None else valid

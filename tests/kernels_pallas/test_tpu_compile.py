@@ -27,6 +27,7 @@ def _tpu_device():
     except ImportError:
         return None
     from jax.experimental import topologies
+
     return topologies.get_topology_desc(platform="tpu", topology_name=_TOPOLOGY).devices[0]
 
 
@@ -50,8 +51,9 @@ def test_gmm_forward_and_gradient():
     def loss(lhs, rhs, sizes):
         return jnp.sum(gmm(lhs, rhs, sizes, impl="pallas", interpret=False).astype(jnp.float32) ** 2)
 
-    _compile_for_tpu(jax.grad(loss, (0, 1)), ((512, 256), jnp.bfloat16), ((8, 256, 512), jnp.bfloat16),
-                     ((8,), jnp.int32))
+    _compile_for_tpu(
+        jax.grad(loss, (0, 1)), ((512, 256), jnp.bfloat16), ((8, 256, 512), jnp.bfloat16), ((8,), jnp.int32)
+    )
 
 
 def test_router_forward_and_gradient():
@@ -86,5 +88,10 @@ def test_splash_attention_forward_and_gradient():
         return jnp.sum(splash_attention(q, k, v, seg, scale=0.1).astype(jnp.float32) ** 2)
 
     # MLA head dims (DeepSeek-V3: q/k 128 + 64, v 128), 2 sequences of 1024 tokens, 4 heads
-    _compile_for_tpu(jax.grad(loss, (0, 1, 2)), ((2, 4, 1024, 192), jnp.bfloat16),
-                     ((2, 4, 1024, 192), jnp.bfloat16), ((2, 4, 1024, 128), jnp.bfloat16), ((2, 1024), jnp.int32))
+    _compile_for_tpu(
+        jax.grad(loss, (0, 1, 2)),
+        ((2, 4, 1024, 192), jnp.bfloat16),
+        ((2, 4, 1024, 192), jnp.bfloat16),
+        ((2, 4, 1024, 128), jnp.bfloat16),
+        ((2, 1024), jnp.int32),
+    )

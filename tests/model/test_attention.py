@@ -1,8 +1,8 @@
 """Every attention backend that runs on CPU against the naive reference, forward and gradients."""
 
 import jax
-import ml_collections
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -17,9 +17,9 @@ def _segments(b: int, t: int) -> jnp.ndarray:
     """Row 0: three packed documents then padding (segment 0); row 1: one document; the last row
     (when b > 2): padding only."""
     seg = np.ones((b, t), np.int32)
-    seg[0, t // 4:t // 2] = 2
-    seg[0, t // 2:t - 3] = 3
-    seg[0, t - 3:] = 0
+    seg[0, t // 4 : t // 2] = 2
+    seg[0, t // 2 : t - 3] = 3
+    seg[0, t - 3 :] = 0
     if b > 2:
         seg[-1] = 0
     return jnp.asarray(seg)
@@ -27,8 +27,11 @@ def _segments(b: int, t: int) -> jnp.ndarray:
 
 def _inputs(b, h, t, dk, dv, seed=0):
     kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
-    return (jax.random.normal(kq, (b, h, t, dk)), jax.random.normal(kk, (b, h, t, dk)),
-            jax.random.normal(kv, (b, h, t, dv)))
+    return (
+        jax.random.normal(kq, (b, h, t, dk)),
+        jax.random.normal(kk, (b, h, t, dk)),
+        jax.random.normal(kv, (b, h, t, dv)),
+    )
 
 
 def _check_against_naive(fn, q, k, v, seg, scale):
@@ -44,12 +47,15 @@ def _check_against_naive(fn, q, k, v, seg, scale):
 _YARN_SCALE = tiny_config(yarn=YarnConfig(factor=40.0, mscale=1.0, mscale_all_dim=1.0)).softmax_scale
 
 
-@pytest.mark.parametrize("b, h, t, dk, dv, block, scale", [
-    (3, 2, 37, 12, 8, 16, 12 ** -0.5),  # t not a multiple of the block; a padding-only row
-    (2, 3, 64, 12, 8, 16, 12 ** -0.5),  # t a multiple of the block, 4 x 4 tiles
-    (2, 2, 50, 24, 16, 64, _YARN_SCALE),  # one block larger than t (capped); YaRN scale
-    (3, 1, 45, 8, 8, 8, _YARN_SCALE),  # equal head dims, many small blocks
-])
+@pytest.mark.parametrize(
+    "b, h, t, dk, dv, block, scale",
+    [
+        (3, 2, 37, 12, 8, 16, 12**-0.5),  # t not a multiple of the block; a padding-only row
+        (2, 3, 64, 12, 8, 16, 12**-0.5),  # t a multiple of the block, 4 x 4 tiles
+        (2, 2, 50, 24, 16, 64, _YARN_SCALE),  # one block larger than t (capped); YaRN scale
+        (3, 1, 45, 8, 8, 8, _YARN_SCALE),  # equal head dims, many small blocks
+    ],
+)
 def test_blockwise_matches_naive(b, h, t, dk, dv, block, scale):
     q, k, v = _inputs(b, h, t, dk, dv)
     fn = lambda q, k, v, seg, scale: flash_attention(q, k, v, seg, scale=scale, block=block)

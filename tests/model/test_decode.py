@@ -14,10 +14,21 @@ from model.transformer import Transformer
 from tests.tolerances import assert_close
 from tests.util import tiny_config
 
-CFG = tiny_config(vocab_size=264, d_model=64, q_lora_rank=32, kv_lora_rank=24, qk_nope_head_dim=16,
-                  qk_rope_head_dim=8, v_head_dim=16, dense_ffn_dim=96, moe_ffn_dim=32, n_group=2, topk_group=1,
-                  moe_block_rows=64,
-                  yarn=YarnConfig(factor=4.0, original_max_position_embeddings=16, mscale=0.9, mscale_all_dim=0.8))
+CFG = tiny_config(
+    vocab_size=264,
+    d_model=64,
+    q_lora_rank=32,
+    kv_lora_rank=24,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=16,
+    dense_ffn_dim=96,
+    moe_ffn_dim=32,
+    n_group=2,
+    topk_group=1,
+    moe_block_rows=64,
+    yarn=YarnConfig(factor=4.0, original_max_position_embeddings=16, mscale=0.9, mscale_all_dim=0.8),
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +46,8 @@ def _forward(model, ids, pad_to=16):
     attention and per-token routing leave the logits of earlier positions unchanged."""
     ids = np.asarray(ids, np.int32)
     padded = np.zeros((ids.shape[0], pad_to), np.int32)
-    padded[:, :ids.shape[1]] = ids
-    return np.asarray(_jit_forward(*nnx.split(model), jnp.asarray(padded)))[:, :ids.shape[1]]
+    padded[:, : ids.shape[1]] = ids
+    return np.asarray(_jit_forward(*nnx.split(model), jnp.asarray(padded)))[:, : ids.shape[1]]
 
 
 def _teacher_forced(model, ids, kind):
@@ -48,8 +59,9 @@ def _teacher_forced(model, ids, kind):
     logits, _, cache = decode.prefill(graphdef, state, jnp.asarray(ids[:, :1]), jnp.ones((b,), jnp.int32), cache, key)
     out = [logits]
     for j in range(1, t):
-        logits, _, cache = decode.decode_step(graphdef, state, jnp.asarray(ids[:, j]),
-                                              jnp.full((b,), j, jnp.int32), cache, key)
+        logits, _, cache = decode.decode_step(
+            graphdef, state, jnp.asarray(ids[:, j]), jnp.full((b,), j, jnp.int32), cache, key
+        )
         out.append(logits)
     return np.stack([np.asarray(x) for x in out], 1)
 
@@ -69,9 +81,16 @@ def test_ragged_batch_matches_single_prompts(model):
     lengths = np.array([len(p) for p in prompts], np.int32)
     tokens = np.zeros((3, 16), np.int32)  # the shapes generate() buckets to: one compile for both
     for i, p in enumerate(prompts):
-        tokens[i, :len(p)] = p
-    last, _, _ = decode.prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths),
-                                decode.init_cache(CFG, 3, 32, "absorbed"), jax.random.key(0), sampling.make(3))
+        tokens[i, : len(p)] = p
+    last, _, _ = decode.prefill(
+        graphdef,
+        state,
+        jnp.asarray(tokens),
+        jnp.asarray(lengths),
+        decode.init_cache(CFG, 3, 32, "absorbed"),
+        jax.random.key(0),
+        sampling.make(3),
+    )
     for i, p in enumerate(prompts):  # the prefill's last-token logits are the unpadded forward's
         full = _forward(model, [p])[0, -1]
         assert_close(np.asarray(last)[i], full)
@@ -81,7 +100,7 @@ def test_ragged_batch_matches_single_prompts(model):
     # greedy continuation = argmax of the full forward over prompt + generated tokens
     seq = prompts[0] + batch[0]
     full = _forward(model, [seq])[0]
-    assert [int(x) for x in full[len(prompts[0]) - 1:-1].argmax(-1)] == batch[0]
+    assert [int(x) for x in full[len(prompts[0]) - 1 : -1].argmax(-1)] == batch[0]
 
 
 def test_sampling_controls(model):
@@ -94,7 +113,7 @@ def test_sampling_controls(model):
     assert a == gen(temperature=1.0, top_k=20, top_p=0.9, seed=3)
     stop = greedy[0][2]
     got = gen(stop_tokens=(stop,))
-    assert got[0] == greedy[0][:greedy[0].index(stop) + 1]
+    assert got[0] == greedy[0][: greedy[0].index(stop) + 1]
 
 
 def _draws(logits, temperature, top_k, top_p):

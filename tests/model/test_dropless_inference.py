@@ -38,13 +38,14 @@ def test_eval_forward_is_dropless_and_batch_independent(crowded_model):
     logits, dropped = _forward(crowded_model, ids)
     assert int(dropped) == 0
     for i in range(ids.shape[0]):
-        assert_close(logits[i], _forward(crowded_model, ids[i:i + 1])[0][0], composite=True, err_msg=f"row {i}")
+        assert_close(logits[i], _forward(crowded_model, ids[i : i + 1])[0][0], composite=True, err_msg=f"row {i}")
     # The same batch in a training call does drop (so the comparison above is not vacuous).
     assert int(_forward(crowded_model, ids, train=True)[1]) > 0
 
 
-@pytest.mark.parametrize("generate", [decode.generate_reference, generation.generate],
-                         ids=["reference_loop", "device_loop"])
+@pytest.mark.parametrize(
+    "generate", [decode.generate_reference, generation.generate], ids=["reference_loop", "device_loop"]
+)
 def test_generation_is_batch_independent(crowded_model, generate):
     """Greedy decoding of two prompts together gives each prompt's tokens decoded alone (a 2-row
     decode step with capacity would keep ceil(1.0 * 2 * 2 / 8) = 1 assignment per expert)."""

@@ -62,7 +62,7 @@ def test_stop_tokens_and_budgets(small_v):
     greedy = decode.generate_reference(small_v, SMALL_PROMPTS, max_new_tokens=NEW)
     stop = greedy[2][3]
     ref = decode.generate_reference(small_v, SMALL_PROMPTS, max_new_tokens=NEW, stop_tokens=(stop, 7))
-    assert ref[2] == greedy[2][:greedy[2].index(stop) + 1]
+    assert ref[2] == greedy[2][: greedy[2].index(stop) + 1]
     assert any(len(r) < NEW for r in ref) and any(len(r) == NEW for r in ref)
     for speculative in (False, True):
         kw = dict(max_new_tokens=NEW, speculative=speculative)
@@ -82,22 +82,25 @@ def test_bad_requests_one_line_errors(model):
     with pytest.raises(ValueError, match=r"vocab_size=264"):
         generation.generate(model, [[1, 264]], max_new_tokens=2)
     with pytest.raises(ValueError, match="mtp_depth=0"):
-        generation.generate(Transformer(CFG.replace(mtp_depth=0, n_layers=1), rngs=nnx.Rngs(0)), [[1]],
-                            max_new_tokens=2, speculative=True)
+        generation.generate(
+            Transformer(CFG.replace(mtp_depth=0, n_layers=1), rngs=nnx.Rngs(0)),
+            [[1]],
+            max_new_tokens=2,
+            speculative=True,
+        )
 
 
 def test_sampling_per_row_settings_logprobs_and_streaming(model):
     greedy = generation.generate(model, PROMPTS, max_new_tokens=NEW)
     # row 0 greedy, row 1 top-k 1 (= greedy), rows 2 and 3 sampled
-    kw = dict(max_new_tokens=NEW, temperature=[0.0, 1.0, 1.0, 0.7], top_k=[0, 1, 0, 50], top_p=[1, 1, 1, 0.9],
-              seed=5)
+    kw = dict(max_new_tokens=NEW, temperature=[0.0, 1.0, 1.0, 0.7], top_k=[0, 1, 0, 50], top_p=[1, 1, 1, 0.9], seed=5)
     r = generation.generate_details(model, PROMPTS, **kw)
     assert r.tokens[:2] == greedy[:2] and r.tokens[2] != greedy[2]
     assert generation.generate(model, PROMPTS, **kw) == r.tokens  # same seed, same tokens
     # log-probs: log softmax of the full forward's logits at each generated token (top-k 1 row: 0)
     for i, p in enumerate(PROMPTS[:3]):
         seq = p + r.tokens[i] + [0] * (32 - len(p) - NEW)  # one shape: causal, padding changes nothing before it
-        logits = np.asarray(_forward(model, [seq]).logits)[0, len(p) - 1:len(p) - 1 + NEW]
+        logits = np.asarray(_forward(model, [seq]).logits)[0, len(p) - 1 : len(p) - 1 + NEW]
         want = np.zeros(NEW) if i == 1 else np.asarray(jax.nn.log_softmax(logits, -1))[np.arange(NEW), r.tokens[i]]
         assert_close(np.asarray(r.logprobs[i]), want, composite=True)
     seen = []
@@ -107,7 +110,7 @@ def test_sampling_per_row_settings_logprobs_and_streaming(model):
 
 
 def _joint_counts(toks: np.ndarray, v: int) -> np.ndarray:
-    return np.bincount(toks[:, 0] * v * v + toks[:, 1] * v + toks[:, 2], minlength=v ** 3)
+    return np.bincount(toks[:, 0] * v * v + toks[:, 1] * v + toks[:, 2], minlength=v**3)
 
 
 def _exact_joint(model, prompt, v: int) -> np.ndarray:
@@ -132,8 +135,9 @@ def test_sampling_matches_the_exact_distribution(small_v, speculative):
     """Temperature 1: the joint of the first three new tokens, over 6,000 rows, against the exact
     joint from the full forward pass (chi-square goodness of fit, cells with expectation < 5 pooled)."""
     v, n, prompt = SMALL_V.vocab_size, 6000, [3, 1, 4]
-    r = generation.generate_details(small_v, [prompt] * n, max_new_tokens=3, temperature=1.0, seed=11,
-                                    speculative=speculative)
+    r = generation.generate_details(
+        small_v, [prompt] * n, max_new_tokens=3, temperature=1.0, seed=11, speculative=speculative
+    )
     counts = _joint_counts(np.asarray(r.tokens), v)
     expected = _exact_joint(small_v, prompt, v) * n
     big = expected >= 5
@@ -141,8 +145,10 @@ def test_sampling_matches_the_exact_distribution(small_v, speculative):
     exp = np.append(expected[big], expected[~big].sum())
     chi2 = float(((obs - exp) ** 2 / exp).sum())
     df = len(obs) - 1
-    print(f"speculative={speculative}: chi2 {chi2:.1f}, df {df}, critical {_chi2_critical(df):.1f}; "
-          f"accepted {r.accepted} of {r.drafted}")
+    print(
+        f"speculative={speculative}: chi2 {chi2:.1f}, df {df}, critical {_chi2_critical(df):.1f}; "
+        f"accepted {r.accepted} of {r.drafted}"
+    )
     assert chi2 < _chi2_critical(df)
     if speculative:
         assert 0.2 < r.accepted / r.drafted < 0.95  # both the accept and the resample branch matter
@@ -184,8 +190,10 @@ def test_small_batch_experts_match_the_layer(model, m):
     assert_close(np.asarray(jax.jit(fast)(state, x)), np.asarray(jax.jit(ref)(state, x)))
     # gradients with respect to the input and every weight (differentiating the weights also rebuilds
     # their variables inside the trace, where the router may write its load statistics)
-    grads = [jax.jit(jax.grad(lambda st, x, fn=fn: jnp.sum(jnp.sin(fn(st, x))), argnums=(0, 1)))(state, x)
-             for fn in (fast, ref)]
+    grads = [
+        jax.jit(jax.grad(lambda st, x, fn=fn: jnp.sum(jnp.sin(fn(st, x))), argnums=(0, 1)))(state, x)
+        for fn in (fast, ref)
+    ]
     flat = [jax.tree.leaves(g) for g in grads]
     assert len(flat[0]) == len(flat[1]) > 4
     for a, b in zip(*flat):

@@ -18,20 +18,48 @@ from safetensors.numpy import load_file, save_file  # noqa: E402
 from model import hf  # noqa: E402
 
 V = 264  # the byte tokenizer's 259 ids fit (fine-tune smoke test)
-BASE = dict(vocab_size=V, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
-            num_attention_heads=2, num_key_value_heads=2, n_shared_experts=1, n_routed_experts=8,
-            kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, v_head_dim=8, qk_nope_head_dim=12, n_group=2,
-            topk_group=1, num_experts_per_tok=2, first_k_dense_replace=1, max_position_embeddings=128,
-            norm_topk_prob=True, rope_interleave=True, routed_scaling_factor=2.5)
-YARN_V3 = dict(type="yarn", factor=4.0, original_max_position_embeddings=32, beta_fast=32, beta_slow=1,
-               mscale=1.0, mscale_all_dim=1.0)
+BASE = dict(
+    vocab_size=V,
+    hidden_size=32,
+    intermediate_size=48,
+    moe_intermediate_size=16,
+    num_hidden_layers=3,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    n_shared_experts=1,
+    n_routed_experts=8,
+    kv_lora_rank=16,
+    q_lora_rank=24,
+    qk_rope_head_dim=8,
+    v_head_dim=8,
+    qk_nope_head_dim=12,
+    n_group=2,
+    topk_group=1,
+    num_experts_per_tok=2,
+    first_k_dense_replace=1,
+    max_position_embeddings=128,
+    norm_topk_prob=True,
+    rope_interleave=True,
+    routed_scaling_factor=2.5,
+)
+YARN_V3 = dict(
+    type="yarn",
+    factor=4.0,
+    original_max_position_embeddings=32,
+    beta_fast=32,
+    beta_slow=1,
+    mscale=1.0,
+    mscale_all_dim=1.0,
+)
 YARN_ODD = dict(YARN_V3, mscale=0.9, mscale_all_dim=0.7)
 CONFIGS = {
     "qlora_groups_interleave": dict(),
-    "no_qlora_flat_rotatehalf_yarn": dict(q_lora_rank=None, n_group=1, topk_group=1, norm_topk_prob=False,
-                                          rope_interleave=False, rope_scaling=YARN_V3),
-    "groups4_yarn_mscales_sharded": dict(n_group=4, topk_group=2, num_experts_per_tok=3, rope_scaling=YARN_ODD,
-                                         n_shared_experts=2),
+    "no_qlora_flat_rotatehalf_yarn": dict(
+        q_lora_rank=None, n_group=1, topk_group=1, norm_topk_prob=False, rope_interleave=False, rope_scaling=YARN_V3
+    ),
+    "groups4_yarn_mscales_sharded": dict(
+        n_group=4, topk_group=2, num_experts_per_tok=3, rope_scaling=YARN_ODD, n_shared_experts=2
+    ),
 }
 
 
@@ -99,14 +127,20 @@ def test_deepseek_v2_softmax_router_import_export(tmp_path, topk_method):
     groups = dict(n_group=4, topk_group=2) if topk_method == "group_limited_greedy" else {}
     cfg = transformers.DeepseekV2Config(
         **{k: v for k, v in BASE.items() if k not in ("n_group", "topk_group", "norm_topk_prob", "rope_interleave")},
-        **groups, attn_implementation="eager", topk_method=topk_method, norm_topk_prob=False)
+        **groups,
+        attn_implementation="eager",
+        topk_method=topk_method,
+        norm_topk_prob=False,
+    )
     cfg.q_lora_rank, cfg.n_shared_experts, cfg.routed_scaling_factor = None, 2, 1.5
     cfg.rope_parameters = dict(YARN_V3, rope_type="yarn", mscale=0.707, mscale_all_dim=0.707, rope_theta=10000.0)
     torch.manual_seed(0)
     m = transformers.DeepseekV2ForCausalLM(cfg).eval()
     with torch.no_grad():
         for name, p in m.named_parameters():
-            p.copy_(1 + 0.1 * torch.randn_like(p)) if name.endswith("norm.weight") else p.normal_(0, 0.5 / p.shape[-1] ** 0.5)
+            p.copy_(1 + 0.1 * torch.randn_like(p)) if name.endswith("norm.weight") else p.normal_(
+                0, 0.5 / p.shape[-1] ** 0.5
+            )
     m.save_pretrained(str(tmp_path / "src"))
     model = hf.from_pretrained(str(tmp_path / "src"))
     assert (model.cfg.score_fn, model.cfg.q_lora_rank, model.cfg.use_aux_free_bias) == ("softmax", None, False)
@@ -140,12 +174,16 @@ def test_mtp_weights_round_trip(hf_dir, tmp_path):
             extra[k.replace(f"layers.{n - 1}.", f"layers.{n}.")] = rng.normal(0, 0.1, a.shape).astype(np.float32)
     d = conf["hidden_size"]
     pre = f"model.layers.{n}"
-    extra.update({f"{pre}.enorm.weight": rng.normal(1, 0.1, d).astype(np.float32),
-                  f"{pre}.hnorm.weight": rng.normal(1, 0.1, d).astype(np.float32),
-                  f"{pre}.eh_proj.weight": rng.normal(0, 0.1, (d, 2 * d)).astype(np.float32),
-                  f"{pre}.shared_head.norm.weight": rng.normal(1, 0.1, d).astype(np.float32),
-                  f"{pre}.shared_head.head.weight": base["lm_head.weight"],
-                  f"{pre}.embed_tokens.weight": base["model.embed_tokens.weight"]})
+    extra.update(
+        {
+            f"{pre}.enorm.weight": rng.normal(1, 0.1, d).astype(np.float32),
+            f"{pre}.hnorm.weight": rng.normal(1, 0.1, d).astype(np.float32),
+            f"{pre}.eh_proj.weight": rng.normal(0, 0.1, (d, 2 * d)).astype(np.float32),
+            f"{pre}.shared_head.norm.weight": rng.normal(1, 0.1, d).astype(np.float32),
+            f"{pre}.shared_head.head.weight": base["lm_head.weight"],
+            f"{pre}.embed_tokens.weight": base["model.embed_tokens.weight"],
+        }
+    )
     save_file(extra, os.path.join(path, "mtp.safetensors"))
     model = hf.from_pretrained(path)
     assert model.cfg.mtp_depth == 1
@@ -153,10 +191,12 @@ def test_mtp_weights_round_trip(hf_dir, tmp_path):
     np.testing.assert_array_equal(np.asarray(mtp.eh_proj[...]), extra[f"{pre}.eh_proj.weight"].T)
     np.testing.assert_array_equal(np.asarray(mtp.enorm.scale[...]), extra[f"{pre}.enorm.weight"])
     np.testing.assert_array_equal(np.asarray(mtp.norm.scale[...]), extra[f"{pre}.shared_head.norm.weight"])
-    np.testing.assert_array_equal(np.asarray(mtp.block.mlp.w_down[...][3]),
-                                  extra[f"{pre}.mlp.experts.3.down_proj.weight"].T)
-    np.testing.assert_array_equal(np.asarray(mtp.block.mlp.router.bias[...]),
-                                  extra[f"{pre}.mlp.gate.e_score_correction_bias"])
+    np.testing.assert_array_equal(
+        np.asarray(mtp.block.mlp.w_down[...][3]), extra[f"{pre}.mlp.experts.3.down_proj.weight"].T
+    )
+    np.testing.assert_array_equal(
+        np.asarray(mtp.block.mlp.router.bias[...]), extra[f"{pre}.mlp.gate.e_score_correction_bias"]
+    )
     out = str(tmp_path / "export")
     hf.save_pretrained(model, out)
     written = load_file(os.path.join(out, "model.safetensors"))
@@ -174,8 +214,12 @@ def test_fp8_block_scaled_weights_are_dequantized(hf_dir, tmp_path):
     shutil.copytree(src, path)
     conf = json.load(open(os.path.join(path, "config.json")))
     block = [8, 8]
-    conf["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                   "weight_block_size": block}
+    conf["quantization_config"] = {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": block,
+    }
     json.dump(conf, open(os.path.join(path, "config.json"), "w"))
     tensors = load_file(os.path.join(path, "model.safetensors"))
     want = {}
@@ -196,10 +240,12 @@ def test_fp8_block_scaled_weights_are_dequantized(hf_dir, tmp_path):
     save_file(tensors, os.path.join(path, "model.safetensors"))
     model = hf.from_pretrained(path, dtype="float32")
     blk = model.moe_blocks[0]
-    np.testing.assert_array_equal(np.asarray(blk.mlp.w_gate[...][5]),
-                                  want["model.layers.1.mlp.experts.5.gate_proj.weight"].T)
-    np.testing.assert_array_equal(np.asarray(blk.attn.wq_b[...]).reshape(24, -1),
-                                  want["model.layers.1.self_attn.q_b_proj.weight"].T)
+    np.testing.assert_array_equal(
+        np.asarray(blk.mlp.w_gate[...][5]), want["model.layers.1.mlp.experts.5.gate_proj.weight"].T
+    )
+    np.testing.assert_array_equal(
+        np.asarray(blk.attn.wq_b[...]).reshape(24, -1), want["model.layers.1.self_attn.q_b_proj.weight"].T
+    )
     assert hf.from_pretrained(path).cfg.param_dtype == "bfloat16"  # FP8 checkpoints default to bf16
 
 
@@ -232,10 +278,12 @@ def test_errors_name_the_file_and_tensor_or_field(hf_dir, tmp_path):
     with pytest.raises(KeyError, match=r"model\.layers\.2\.self_attn\.kv_b_proj\.weight \(index: not listed\)"):
         hf.from_pretrained(missing)
 
-    for change, pattern in [(dict(architectures=["LlamaForCausalLM"]), "'architectures'"),
-                            (dict(sliding_window=4096), "sliding_window"),
-                            (dict(hidden_act="gelu"), "'hidden_act'"),
-                            (dict(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4}), "rope_scaling.type")]:
+    for change, pattern in [
+        (dict(architectures=["LlamaForCausalLM"]), "'architectures'"),
+        (dict(sliding_window=4096), "sliding_window"),
+        (dict(hidden_act="gelu"), "'hidden_act'"),
+        (dict(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4}), "rope_scaling.type"),
+    ]:
         d = str(tmp_path / f"cfg{len(os.listdir(tmp_path))}")
         shutil.copytree(src, d)
         _edit_config(d, **change)

@@ -27,17 +27,21 @@ def naive_mla(p, cfg, x, positions, segment_ids):
         q_all = rms(x @ p["wq_a"], p["q_norm"]) @ p["wq_b"].reshape(cfg.q_lora_rank, -1)
     q_all = q_all.reshape(b, t, cfg.n_heads, n + r)
     ckv = x @ p["wkv_a"]
-    c = rms(ckv[..., :cfg.kv_lora_rank], p["kv_norm"])
+    c = rms(ckv[..., : cfg.kv_lora_rank], p["kv_norm"])
     cos, sin = rope_angles(positions, r, cfg.rope_theta, cfg.yarn)
-    k_rope = apply_rope(ckv[..., cfg.kv_lora_rank:], cos, sin, interleave=cfg.rope_interleave)
+    k_rope = apply_rope(ckv[..., cfg.kv_lora_rank :], cos, sin, interleave=cfg.rope_interleave)
     out = jnp.zeros((b, t, cfg.d_model))
     for h in range(cfg.n_heads):
         wkv = p["wkv_b"][:, h, :]  # [c, n + v]
         k = jnp.concatenate([c @ wkv[:, :n], k_rope], -1)  # decompressed key [b, s, n + r]
         v = c @ wkv[:, n:]
-        q = jnp.concatenate([q_all[:, :, h, :n], apply_rope(q_all[:, :, h, n:], cos, sin, interleave=cfg.rope_interleave)], -1)
+        q = jnp.concatenate(
+            [q_all[:, :, h, :n], apply_rope(q_all[:, :, h, n:], cos, sin, interleave=cfg.rope_interleave)], -1
+        )
         s = jnp.einsum("btk,bsk->bts", q, k) * cfg.softmax_scale
-        allowed = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (jnp.arange(t)[:, None] >= jnp.arange(t)[None, :])
+        allowed = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (
+            jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]
+        )
         s = jnp.where(allowed, s, -jnp.inf)
         o = jax.nn.softmax(s, -1) @ v  # [b, t, v]
         out = out + o @ p["wo"][h]
@@ -49,10 +53,17 @@ def _flat(m):
     return {path[0]: leaf[...] for path, leaf in nnx.to_flat_state(nnx.state(m, nnx.Param))}
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(q_lora_rank=None), dict(rope_interleave=False),
-                                dict(yarn=YarnConfig(factor=4.0, original_max_position_embeddings=16, mscale=0.7, mscale_all_dim=0.9)),
-                                dict(attention_impl="xla"),
-                                dict(attention_impl="xla", yarn=YarnConfig(factor=4.0, original_max_position_embeddings=16))])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(),
+        dict(q_lora_rank=None),
+        dict(rope_interleave=False),
+        dict(yarn=YarnConfig(factor=4.0, original_max_position_embeddings=16, mscale=0.7, mscale_all_dim=0.9)),
+        dict(attention_impl="xla"),
+        dict(attention_impl="xla", yarn=YarnConfig(factor=4.0, original_max_position_embeddings=16)),
+    ],
+)
 def test_mla_matches_naive_forward_and_grad(kw):
     cfg = tiny_config(**kw)
     mla = MLA(cfg, rngs=nnx.Rngs(0))

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from model.grouped_matmul import gmm
 from model.moe import MoE
@@ -20,8 +21,15 @@ def _inputs(cfg, b=2, t=12, seed=0):
     return x, seg
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(n_shared_experts=0), dict(score_fn="softmax", n_group=1, topk_group=1),
-                                dict(n_experts_per_tok=1, moe_block_rows=4)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(),
+        dict(n_shared_experts=0),
+        dict(score_fn="softmax", n_group=1, topk_group=1),
+        dict(n_experts_per_tok=1, moe_block_rows=4),
+    ],
+)
 def test_moe_matches_dense_reference_forward_and_grad(kw):
     cfg = tiny_config(**kw)
     moe = MoE(cfg, rngs=nnx.Rngs(0))
@@ -99,7 +107,9 @@ def test_grouped_matmul_property(data, g, k, n, tile):
     out = gmm(jnp.asarray(lhs), jnp.asarray(rhs), jnp.asarray(sizes), tile=tile, impl="scan")
     assert_close(out, _gmm_reference(lhs, rhs, sizes))
     cot = rng.normal(size=(m, n)).astype(np.float32)
-    _, vjp = jax.vjp(lambda a, b: gmm(a, b, jnp.asarray(sizes), tile=tile, impl="scan"), jnp.asarray(lhs), jnp.asarray(rhs))
+    _, vjp = jax.vjp(
+        lambda a, b: gmm(a, b, jnp.asarray(sizes), tile=tile, impl="scan"), jnp.asarray(lhs), jnp.asarray(rhs)
+    )
     d_lhs, d_rhs = vjp(jnp.asarray(cot))
     _, vjp_r = jax.vjp(lambda a, b: jax.lax.ragged_dot(a, b, jnp.asarray(sizes)), jnp.asarray(lhs), jnp.asarray(rhs))
     r_lhs, r_rhs = vjp_r(jnp.asarray(cot))

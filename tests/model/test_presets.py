@@ -32,8 +32,17 @@ def test_small_presets(name):
 def test_count_params_cli(capsys):
     import subprocess
     import sys
-    out = subprocess.run([sys.executable, "-m", "tools.count_params", "--config=configs/deepseek_v3_671b.py"],
-                         capture_output=True, text=True, check=True).stdout.strip().splitlines()
+
+    out = (
+        subprocess.run(
+            [sys.executable, "-m", "tools.count_params", "--config=configs/deepseek_v3_671b.py"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        .stdout.strip()
+        .splitlines()
+    )
     assert out[-3].startswith("total_params: ") and out[-2].startswith("activated_params: ")
     assert out[-1].startswith("mtp_params: ")
     assert abs(int(out[-3].split()[1]) - 671e9) / 671e9 < 0.01

@@ -23,8 +23,16 @@ def closed_form_inv_freq(dim, theta, yarn):
         wavelength = 2 * math.pi / base
         rotations = yarn.original_max_position_embeddings / wavelength  # r(d) = L / lambda_d
         # ramp over dim index between the dims where r = beta_fast and r = beta_slow
-        d_fast = dim * math.log(yarn.original_max_position_embeddings / (yarn.beta_fast * 2 * math.pi)) / (2 * math.log(theta))
-        d_slow = dim * math.log(yarn.original_max_position_embeddings / (yarn.beta_slow * 2 * math.pi)) / (2 * math.log(theta))
+        d_fast = (
+            dim
+            * math.log(yarn.original_max_position_embeddings / (yarn.beta_fast * 2 * math.pi))
+            / (2 * math.log(theta))
+        )
+        d_slow = (
+            dim
+            * math.log(yarn.original_max_position_embeddings / (yarn.beta_slow * 2 * math.pi))
+            / (2 * math.log(theta))
+        )
         lo, hi = max(math.floor(d_fast), 0), min(math.ceil(d_slow), dim - 1)
         gamma = min(max((i - lo) / (hi - lo), 0.0), 1.0)  # 0: keep, 1: interpolate
         out.append(base * (1 - gamma) + base / yarn.factor * gamma)
@@ -32,8 +40,14 @@ def closed_form_inv_freq(dim, theta, yarn):
     return np.array(out)
 
 
-@pytest.mark.parametrize("yarn", [None, YarnConfig(factor=40.0, original_max_position_embeddings=4096),
-                                  YarnConfig(factor=4.0, original_max_position_embeddings=64, beta_fast=8, beta_slow=2)])
+@pytest.mark.parametrize(
+    "yarn",
+    [
+        None,
+        YarnConfig(factor=40.0, original_max_position_embeddings=4096),
+        YarnConfig(factor=4.0, original_max_position_embeddings=64, beta_fast=8, beta_slow=2),
+    ],
+)
 def test_inv_freq_closed_form(yarn):
     got, amp = inv_frequencies(64, 10000.0, yarn)
     np.testing.assert_allclose(got, closed_form_inv_freq(64, 10000.0, yarn), rtol=1e-12)
@@ -71,6 +85,7 @@ def test_relative_position_property():
 
 def test_yarn_softmax_scale():
     from tests.util import tiny_config
+
     cfg = tiny_config(yarn=YarnConfig(factor=40.0, mscale=1.0, mscale_all_dim=1.0))
     m = 0.1 * math.log(40.0) + 1.0
-    assert math.isclose(cfg.softmax_scale, cfg.qk_head_dim ** -0.5 * m * m)
+    assert math.isclose(cfg.softmax_scale, cfg.qk_head_dim**-0.5 * m * m)

@@ -24,10 +24,10 @@ def loop_route(logits, bias, cfg):
         choice = [s[i] + (bias[i] if cfg.use_aux_free_bias else 0.0) for i in range(e)]
         allowed = set(range(e))
         if cfg.n_group > 1:
-            top = [sorted(choice[g * per:(g + 1) * per], reverse=True) for g in range(cfg.n_group)]
+            top = [sorted(choice[g * per : (g + 1) * per], reverse=True) for g in range(cfg.n_group)]
             # V3 (noaux_tc): sum of the top-2 biased scores; V2 (group_limited_greedy): the max
             gscore = [sum(t[:2]) if cfg.group_score == "top2_sum" else t[0] for t in top]
-            keep = sorted(range(cfg.n_group), key=lambda g: (-gscore[g], g))[:cfg.topk_group]
+            keep = sorted(range(cfg.n_group), key=lambda g: (-gscore[g], g))[: cfg.topk_group]
             allowed = {i for g in keep for i in range(g * per, (g + 1) * per)}
         ids = sorted(allowed, key=lambda i: (-choice[i], i))[:k]
         gates = [s[i] for i in ids]
@@ -45,8 +45,9 @@ ROUTES = [
     dict(score_fn="softmax", n_group=1, topk_group=1, norm_topk_prob=False, routed_scaling_factor=1.0),
     dict(score_fn="softmax", n_group=2, topk_group=1),
     dict(score_fn="sigmoid", n_group=4, topk_group=2, use_aux_free_bias=False),
-    dict(score_fn="softmax", n_group=4, topk_group=2, group_score="max", use_aux_free_bias=False,
-         norm_topk_prob=False),  # DeepSeek-V2 group_limited_greedy
+    dict(
+        score_fn="softmax", n_group=4, topk_group=2, group_score="max", use_aux_free_bias=False, norm_topk_prob=False
+    ),  # DeepSeek-V2 group_limited_greedy
     dict(score_fn="sigmoid", n_group=4, topk_group=2, group_score="max"),
     dict(score_fn="softmax", n_group=16, topk_group=3, group_score="max"),  # one expert per group
 ]
@@ -66,8 +67,12 @@ def test_route_matches_loop(kw, impl):
     # the same set of experts (order among equal-choice ties is irrelevant to the output)
     np.testing.assert_array_equal(np.sort(np.asarray(r.ids), -1), np.sort(ids, -1))
     order_f, order_l = np.argsort(np.asarray(r.ids), -1), np.argsort(ids, -1)
-    np.testing.assert_allclose(np.take_along_axis(np.asarray(r.gates), order_f, -1),
-                               np.take_along_axis(gates, order_l, -1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.take_along_axis(np.asarray(r.gates), order_f, -1),
+        np.take_along_axis(gates, order_l, -1),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 def test_bias_changes_selection_not_gates():
@@ -98,6 +103,8 @@ def test_router_load_counts_valid_tokens_and_scores(impl):
 def test_gate_gradient_flows_to_logits_not_bias():
     cfg = tiny_config()
     logits = jax.random.normal(jax.random.key(0), (6, cfg.n_routed_experts))
-    g_logits, g_bias = jax.grad(lambda l, b: route(l, b, cfg).gates.sum() ** 2, argnums=(0, 1))(logits, jnp.zeros(cfg.n_routed_experts))
+    g_logits, g_bias = jax.grad(lambda l, b: route(l, b, cfg).gates.sum() ** 2, argnums=(0, 1))(
+        logits, jnp.zeros(cfg.n_routed_experts)
+    )
     assert np.abs(np.asarray(g_logits)).sum() > 0
     np.testing.assert_array_equal(np.asarray(g_bias), 0.0)

@@ -19,19 +19,40 @@ def model():
 
 def test_jsonl_in_jsonl_out(model, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(tools.convert_hf, "load_model", lambda path: model)
-    reqs = [{"prompt": "def f(x):", "max_new_tokens": 6, "id": "a"},
-            {"prompt": "import os", "temperature": 0.8, "top_k": 5},
-            {"prompt": "x", "max_new_tokens": 0}]
+    reqs = [
+        {"prompt": "def f(x):", "max_new_tokens": 6, "id": "a"},
+        {"prompt": "import os", "temperature": 0.8, "top_k": 5},
+        {"prompt": "x", "max_new_tokens": 0},
+    ]
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text("\n".join(json.dumps(r) for r in reqs) + "\n")
-    generate.main(["--ckpt", "unused", "--input", str(src), "--output", str(dst), "--max_new_tokens", "4",
-                   "--no-stop", "--seed", "3"])
+    generate.main(
+        [
+            "--ckpt",
+            "unused",
+            "--input",
+            str(src),
+            "--output",
+            str(dst),
+            "--max_new_tokens",
+            "4",
+            "--no-stop",
+            "--seed",
+            "3",
+        ]
+    )
     out = [json.loads(line) for line in dst.read_text().splitlines()]
     assert [o["id"] for o in out] == ["a", 1, 2] and [o["new_tokens"] for o in out] == [6, 4, 0]
     assert all(o["finish_reason"] == "length" for o in out)
     # one batch with per-request settings: the library call with the same settings (byte tokenizer, BOS 257)
-    ids = generation.generate(model, [[257] + list(r["prompt"].encode()) for r in reqs], max_new_tokens=[6, 4, 0],
-                              temperature=[0, 0.8, 0], top_k=[0, 5, 0], seed=3)
+    ids = generation.generate(
+        model,
+        [[257] + list(r["prompt"].encode()) for r in reqs],
+        max_new_tokens=[6, 4, 0],
+        temperature=[0, 0.8, 0],
+        top_k=[0, 5, 0],
+        seed=3,
+    )
     assert [o["completion"] for o in out] == [bytes(i for i in x if i < 256).decode("utf-8", "replace") for x in ids]
     err = capsys.readouterr().err
     assert "tokens/s" in err and "time to first token" in err

@@ -29,8 +29,11 @@ def weights(tmp_path_factory):
 
 
 def _tree(path):
-    return sorted((os.path.relpath(os.path.join(r, n), path), os.path.getmtime(os.path.join(r, n)))
-                  for r, ds, fs in os.walk(path) for n in ds + fs)
+    return sorted(
+        (os.path.relpath(os.path.join(r, n), path), os.path.getmtime(os.path.join(r, n)))
+        for r, ds, fs in os.walk(path)
+        for n in ds + fs
+    )
 
 
 def test_load_model_leaves_a_live_directory_alone(weights, tmp_path):

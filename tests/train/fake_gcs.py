@@ -32,6 +32,8 @@ class FakeGCS(MemoryFileSystem):
 @contextlib.contextmanager
 def fake_gcs():
     fs = FakeGCS()
-    with mock.patch.object(backend._FileSystemSpecBackend, "_get_filesystem", lambda self, name: fs), \
-            mock.patch.object(gpath, "_is_tf_installed", lambda: False):
+    with (
+        mock.patch.object(backend._FileSystemSpecBackend, "_get_filesystem", lambda self, name: fs),
+        mock.patch.object(gpath, "_is_tf_installed", lambda: False),
+    ):
         yield fs

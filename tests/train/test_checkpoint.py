@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from train.checkpoint import CheckpointMismatchError, Checkpointer, CorruptCheckpointError
+from train.checkpoint import Checkpointer, CheckpointMismatchError, CorruptCheckpointError
 
 MODEL = {"d_model": 8, "n_layers": 2, "yarn": None, "shape": (1, 2)}
 
@@ -23,8 +23,11 @@ class _Net(nnx.Module):
 def _state(v: float):
     params = nnx.state(_Net(nnx.Rngs(0)), nnx.Param)
     params = jax.tree.map(lambda p: jnp.full_like(p, v), params)
-    return {"params": params, "step": jnp.asarray(int(v), jnp.int32),
-            "rng": jax.random.key_data(jax.random.key(int(v)))}
+    return {
+        "params": params,
+        "step": jnp.asarray(int(v), jnp.int32),
+        "rng": jax.random.key_data(jax.random.key(int(v))),
+    }
 
 
 def _abstract():
@@ -171,6 +174,7 @@ def test_failed_save_keeps_good_checkpoints(tmp_path):
 
 # ---- issue 11: safety ----
 
+
 def test_keep_below_one_is_refused(tmp_path):
     for keep in (0, -1):  # orbax's max_to_keep=0 deleted every checkpoint, the final one too
         with pytest.raises(ValueError, match="keep_checkpoints must be >= 1"):
@@ -283,6 +287,7 @@ def disk_full_at(monkeypatch):
     import errno
 
     import orbax.checkpoint as ocp
+
     steps = set()
     real = ocp.JsonCheckpointHandler._save_fn
 
@@ -313,6 +318,7 @@ def test_failed_async_save_raises_once_and_loses_nothing(tmp_path, disk_full_at,
 
 def test_unusable_directory_fails_at_once(tmp_path):
     from train.workdir import WorkdirError
+
     (tmp_path / "file").write_text("x")
     with pytest.raises(WorkdirError, match="is a file, not a directory"):
         Checkpointer(tmp_path / "file", save_every=1)

@@ -39,7 +39,9 @@ def _write_text_corpus(tmp_path, n=24, seed=0):
 def _pieces(batch):
     """(inputs, targets) of every packed piece, checking the row layout on the way."""
     out = []
-    for inp, tgt, seg, pos, mask in zip(*(batch[k] for k in ("inputs", "targets", "segment_ids", "positions", "loss_mask"))):
+    for inp, tgt, seg, pos, mask in zip(
+        *(batch[k] for k in ("inputs", "targets", "segment_ids", "positions", "loss_mask"))
+    ):
         ids = [s for s in np.unique(seg) if s > 0]
         assert ids == list(range(1, len(ids) + 1))
         last = 0
@@ -96,7 +98,9 @@ def test_eval_pass_is_exactly_the_chunked_validation_docs(tmp_path):
         assert b["inputs"].dtype == np.int32 and b["loss_mask"].dtype == np.float32
     total_bytes = sum(len(t.encode()) for t in val_texts)
     assert sum(int(b["target_bytes"].sum()) for b in batches) == total_bytes
-    assert data.make_eval_batches(cfg, batch_size=4, num_batches=2)[1]["inputs"].tolist() == batches[1]["inputs"].tolist()
+    assert (
+        data.make_eval_batches(cfg, batch_size=4, num_batches=2)[1]["inputs"].tolist() == batches[1]["inputs"].tolist()
+    )
 
 
 def test_train_pieces_come_from_train_docs(tmp_path):
@@ -181,8 +185,10 @@ def test_a_batch_mixes_many_documents(tmp_path):
 
 def test_each_process_reads_only_its_rows(tmp_path):
     cfg = _cfg(source=_numbered_corpus(tmp_path, 40, 1200), seq_len=16, val_percent=0)
-    parts = [data.make_train_iterator(cfg, global_batch_size=8, process_index=p, process_count=2,
-                                      allgather=None) for p in range(2)]
+    parts = [
+        data.make_train_iterator(cfg, global_batch_size=8, process_index=p, process_count=2, allgather=None)
+        for p in range(2)
+    ]
     for it in parts:  # drop the documents the index pass tokenized: count only what the rows need
         it.documents._cache.clear()
         it.documents._cached_tokens = it.documents.reads = 0
@@ -282,8 +288,9 @@ def _save_bpe(tmp_path, texts):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<s>", "</s>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(texts, trainer)
     path = tmp_path / "bpe.json"
     tok.save(str(path))
@@ -411,7 +418,8 @@ def test_remote_corpus_and_tokenizer(tmp_path, monkeypatch):
             (local / f"doc_{i:03d}.txt").write_text(t, encoding="utf-8")
         local_val = data.load_corpus(_cfg(source=str(local / "*.txt"), val_percent=50), "validation")
         assert [os.path.basename(val.paths[f]) for f in val.docs[:, 0]] == [
-            os.path.basename(local_val.paths[f]) for f in local_val.docs[:, 0]]
+            os.path.basename(local_val.paths[f]) for f in local_val.docs[:, 0]
+        ]
         tok = data.load_tokenizer(cfg)
         assert tok.vocab_size == 300
         batch = next(data.make_train_iterator(cfg, global_batch_size=4))

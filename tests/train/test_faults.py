@@ -28,20 +28,30 @@ from train.trainer import train_and_evaluate
 
 # (kill point, checkpoint it resumes from (None: fresh start), killed by SIGKILL)
 CHAIN = [
-    ("save:4", None, True),     # ckpt 2 committed; dies writing 4 -> a tmp dir, never committed
-    ("gc:2", 2, True),          # 4 committed; dies deleting 2 at save(6) -> 2 uncommitted and partial
+    ("save:4", None, True),  # ckpt 2 committed; dies writing 4 -> a tmp dir, never committed
+    ("gc:2", 2, True),  # 4 committed; dies deleting 2 at save(6) -> 2 uncommitted and partial
     ("sigterm:5+save:5", 4, True),  # preempted at 5; dies inside the preemption save
-    ("commit:6", 4, True),      # 6 fully written, dies before its commit
-    ("restore", None, True),    # dies verifying checkpoint 4, before saying it resumed
-    ("none", 4, False),         # trains 5..8 to the end
+    ("commit:6", 4, True),  # 6 fully written, dies before its commit
+    ("restore", None, True),  # dies verifying checkpoint 4, before saying it resumed
+    ("none", 4, False),  # trains 5..8 to the end
 ]
 
 
 def _run(workdir, corpus, point, cache):  # noqa: F811
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    return subprocess.run([sys.executable, "-m", "tests.train.fault_driver", str(workdir), corpus, point],
-                          capture_output=True, text=True, env=env, timeout=300, check=False)
+    env = dict(
+        os.environ,
+        JAX_COMPILATION_CACHE_DIR=str(cache),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "tests.train.fault_driver", str(workdir), corpus, point],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
 
 
 def test_sigkill_at_five_points_resumes_bitwise(corpus, tmp_path):  # noqa: F811
@@ -84,8 +94,11 @@ def test_disk_full_stops_the_run_at_the_failing_save(corpus, tmp_path, disk_full
             time.sleep(2)  # let the background save of step 4 fail before step 6 polls it
 
     wd = tmp_path / "run"
-    with pytest.raises(CheckpointWriteError, match=r"^saving checkpoint step 4 to .*failed: .*No space left on "
-                                                   r"device.*newest: 2\)$") as e:
+    with pytest.raises(
+        CheckpointWriteError,
+        match=r"^saving checkpoint step 4 to .*failed: .*No space left on "
+        r"device.*newest: 2\)$",
+    ) as e:
         train_and_evaluate(tiny(corpus, steps=8, checkpoint_every=2), str(wd), on_step=on_step)
     assert ran in ([1, 2, 3, 4], [1, 2, 3, 4, 5]) and "\n" not in str(e.value)  # stopped before step 6
     assert "Traceback" not in capfd.readouterr().err

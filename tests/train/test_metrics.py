@@ -21,10 +21,21 @@ def _write_run(workdir, n_steps=6, n_layers=2, n_experts=4, start_step=0, scale=
     rng = np.random.default_rng(0)
     for step in range(start_step + 1, n_steps + 1):
         load = rng.dirichlet(np.ones(n_experts), size=n_layers)
-        w.write(step, {"loss": jnp.float32(scale / step), "main_loss": np.float32(2.5 / step),
-                       "mtp_loss": 2.8 / step, "balance_loss": jnp.asarray(1e-3), "lr": 1e-3,
-                       "grad_norm": jnp.bfloat16(0.5), "tokens_per_sec": 1234.5, "skipped_steps": np.int32(0),
-                       "maxvio": jnp.asarray(load.max(-1) * n_experts - 1.0), "expert_load": load})
+        w.write(
+            step,
+            {
+                "loss": jnp.float32(scale / step),
+                "main_loss": np.float32(2.5 / step),
+                "mtp_loss": 2.8 / step,
+                "balance_loss": jnp.asarray(1e-3),
+                "lr": 1e-3,
+                "grad_norm": jnp.bfloat16(0.5),
+                "tokens_per_sec": 1234.5,
+                "skipped_steps": np.int32(0),
+                "maxvio": jnp.asarray(load.max(-1) * n_experts - 1.0),
+                "expert_load": load,
+            },
+        )
         if step % 3 == 0:
             w.write(step, {"eval_loss": 2.0, "eval_perplexity": math.exp(2.0), "eval_bits_per_byte": float("nan")})
     w.log("hello")
@@ -48,8 +59,9 @@ def test_metric_writer_jsonl_and_tensorboard(tmp_path):
 
 def test_appends_across_writers(tmp_path):
     for step in (1, 2):
-        w = metrics_lib.MetricWriter(tmp_path, total_steps=2, start_step=step - 1, enable_tensorboard=False,
-                                     console=False)
+        w = metrics_lib.MetricWriter(
+            tmp_path, total_steps=2, start_step=step - 1, enable_tensorboard=False, console=False
+        )
         w.write(step, {"loss": float("inf")})
         w.close()
     lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -85,7 +97,9 @@ def test_resume_keeps_first_provenance_and_appends_history(tmp_path):
     run_info = json.loads((tmp_path / "run_info.json").read_text())
     assert run_info["started"] == started
     assert [(r["from_step"], r["config_changes"], r["superseded_metric_lines"]) for r in run_info["resumes"]] == [
-        (4, json.loads(json.dumps(changes)), 3), (8, {}, 0)]
+        (4, json.loads(json.dumps(changes)), 3),
+        (8, {}, 0),
+    ]
 
 
 def tb_events(files: list[bytes]):
@@ -93,6 +107,7 @@ def tb_events(files: list[bytes]):
     import struct
 
     from tensorboardX.proto import event_pb2
+
     out = []
     for raw in files:
         while raw:
@@ -105,6 +120,7 @@ def tb_events(files: list[bytes]):
 
 def test_resume_supersedes_orphaned_lines(tmp_path, monkeypatch):
     import tensorboardX.event_file_writer as efw
+
     monkeypatch.setattr(efw.time, "time", lambda: 1.7e9)  # both writers start "in the same second"
     _write_run(tmp_path, n_steps=6)  # steps 1-6, evals at 3 and 6; its last checkpoint was step 3
     (tmp_path / "metrics.jsonl").open("a").write('{"step": 7, "loss": 1.')  # torn line of the kill
@@ -125,15 +141,28 @@ def test_resume_supersedes_orphaned_lines(tmp_path, monkeypatch):
 
 def test_plot_never_runs_back_in_time(tmp_path):
     from tools import plot
+
     # an old-style metrics.jsonl: killed after step 6 (checkpoint 3), resumed, killed after 5, resumed from 3 again
     lines = [{"step": s, "loss": 1.0 / s} for s in (1, 2, 3)] + [{"step": 3, "eval_loss": 9.0}]
-    lines += [{"step": s, "loss": 1.0 / s} for s in (4, 5, 6)] + [{"step": s, "loss": 2.0 / s} for s in (4, 5)] + [{"step": s, "loss": 3.0 / s} for s in (4, 5, 6, 7)]
+    lines += (
+        [{"step": s, "loss": 1.0 / s} for s in (4, 5, 6)]
+        + [{"step": s, "loss": 2.0 / s} for s in (4, 5)]
+        + [{"step": s, "loss": 3.0 / s} for s in (4, 5, 6, 7)]
+    )
     lines += [{"step": 7, "eval_loss": 8.0}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
     rows = plot.read_metrics(tmp_path)
     assert [(r["step"], r.get("loss"), r.get("eval_loss")) for r in rows] == [
-        (1, 1.0, None), (2, 0.5, None), (3, 1 / 3, None), (3, None, 9.0),
-        (4, 0.75, None), (5, 0.6, None), (6, 0.5, None), (7, 3 / 7, None), (7, None, 8.0)]
+        (1, 1.0, None),
+        (2, 0.5, None),
+        (3, 1 / 3, None),
+        (3, None, 9.0),
+        (4, 0.75, None),
+        (5, 0.6, None),
+        (6, 0.5, None),
+        (7, 3 / 7, None),
+        (7, None, 8.0),
+    ]
     steps, _ = plot._series(rows, "loss")
     assert np.all(np.diff(steps) > 0)
 
@@ -147,13 +176,21 @@ def test_remote_workdir_writes_through_epath(tmp_path, monkeypatch):
         provenance.write_run_info(url, ml_collections.ConfigDict({"seed": 0}))
         provenance.write_summary(url, {"steps": 8})
         from tools import plot
+
         paths = plot.plot_workdir(url, logy=False)
         assert sorted(str(p) for p in paths) == [f"{url}/expert_load.png", f"{url}/loss.png"]
         files = set(fs.find("bucket/runs/r1"))
         rows = [json.loads(l) for l in fs.cat_file(f"{url}/metrics.jsonl").decode().splitlines()]
         assert [r["step"] for r in rows] == [1, 2, 3, 3, 4, 5, 6, 6, 7, 8]
-    for name in ("metrics.jsonl", "metrics.superseded.jsonl", "config.json", "run_info.json", "summary.json",
-                 "loss.png", "expert_load.png"):
+    for name in (
+        "metrics.jsonl",
+        "metrics.superseded.jsonl",
+        "config.json",
+        "run_info.json",
+        "summary.json",
+        "loss.png",
+        "expert_load.png",
+    ):
         assert f"bucket/runs/r1/{name}" in files
     assert sum(f.startswith("bucket/runs/r1/tb/events.out.tfevents.") for f in files) == 2
     assert list(tmp_path.iterdir()) == []  # no local folder "gs:" (or anything else)
@@ -161,6 +198,7 @@ def test_remote_workdir_writes_through_epath(tmp_path, monkeypatch):
 
 def test_plot_smoke(tmp_path):
     from tools import plot
+
     _write_run(tmp_path, n_steps=8)
     (tmp_path / "metrics.jsonl").open("a").write('{"step": 9, "loss": 1.')  # torn line of a killed run
     out = tmp_path / "plots"
@@ -171,7 +209,12 @@ def test_plot_smoke(tmp_path):
 
 
 def test_plot_cli_errors_without_metrics(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "tools.plot", f"--workdir={tmp_path}/mistyped",
-                        f"--out={tmp_path}/plots"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "tools.plot", f"--workdir={tmp_path}/mistyped", f"--out={tmp_path}/plots"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode != 0 and "metrics.jsonl" in r.stderr and "Traceback" not in r.stderr
     assert list(tmp_path.iterdir()) == []  # neither the mistyped input nor the output folder created

@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def config(corpus: str, steps: int, **mesh):
     from configs import moe_tiny
+
     c = moe_tiny.get_config()
     c.data.source = corpus
     c.data.seq_len = 32
@@ -58,9 +59,12 @@ def losses(workdir) -> dict[int, float]:
 def worker(coordinator: str, process_id: int, corpus: str, dir_b: str, dir_a2: str):
     """One of the two processes (run as ``python -m tests.train.test_multiprocess ...``)."""
     from train import distributed
+
     assert distributed.initialize(coordinator, 2, process_id)
     import jax
+
     from train.trainer import train_and_evaluate
+
     assert jax.process_count() == 2 and jax.device_count() == 4
     train_and_evaluate(config(corpus, 3, data=2, expert=2), dir_b)
     train_and_evaluate(config(corpus, 4, data=2, expert=2), dir_a2)
@@ -83,18 +87,36 @@ def corpus(tmp_path):
 
 def test_two_processes_match_one_and_checkpoints_cross_over(tmp_path, corpus):
     from train.trainer import train_and_evaluate
+
     dir_a, dir_b = tmp_path / "one_process", tmp_path / "two_processes"
     train_and_evaluate(config(corpus, 3), str(dir_a))
     dir_a2 = tmp_path / "a_resumed_by_two"
     shutil.copytree(dir_a, dir_a2)
 
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               PYTHONPATH=str(REPO))
+    env = dict(
+        os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2", PYTHONPATH=str(REPO)
+    )
     coordinator = f"localhost:{_free_port()}"
-    procs = [subprocess.Popen([sys.executable, "-m", "tests.train.test_multiprocess", coordinator, str(i),
-                               corpus, str(dir_b), str(dir_a2)], cwd=REPO, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.train.test_multiprocess",
+                coordinator,
+                str(i),
+                corpus,
+                str(dir_b),
+                str(dir_a2),
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outs = [p.communicate(timeout=540)[0] for p in procs]
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-5000:]

@@ -26,8 +26,13 @@ from train.state import abstract_state, init_state
 from train.step import sharded_train_step
 from train.synthetic import synthetic_batches as _synthetic
 
-MESHES = [dict(data=8), dict(fsdp=8), dict(data=2, expert=4), dict(data=2, expert=2, tensor=2),
-          dict(fsdp=2, expert=2, tensor=2)]
+MESHES = [
+    dict(data=8),
+    dict(fsdp=8),
+    dict(data=2, expert=4),
+    dict(data=2, expert=2, tensor=2),
+    dict(fsdp=2, expert=2, tensor=2),
+]
 STEPS = 3
 
 
@@ -60,8 +65,7 @@ def train(**mesh_sizes) -> dict:
     c = small_config(**mesh_sizes)
     mesh = sharding.make_mesh(c.mesh)
     cfg = ModelConfig.from_dict(c.model.to_dict())
-    sharding.check_fits(dict(zip(mesh.axis_names, mesh.axis_sizes)), cfg,
-                        global_batch_size=c.train.global_batch_size)
+    sharding.check_fits(dict(zip(mesh.axis_names, mesh.axis_sizes)), cfg, global_batch_size=c.train.global_batch_size)
     tx = make_optimizer(c.optimizer, c.train.steps)
     graphdef, abstract = abstract_state(cfg, tx, c.train.seed)
     state_sh = sharding.tree_shardings(abstract, mesh)
@@ -75,9 +79,13 @@ def train(**mesh_sizes) -> dict:
             state, m = compiled(state, b)
         losses.append(float(m["loss"]))
         dropped.append(float(m["dropped_tokens"]))
-    _RUNS[key] = dict(losses=np.array(losses), dropped=dropped, hlo=compiled.as_text(),
-                      params=jax.tree.map(np.asarray, state["params"]),
-                      rest=jax.tree.map(np.asarray, state["rest"]))
+    _RUNS[key] = dict(
+        losses=np.array(losses),
+        dropped=dropped,
+        hlo=compiled.as_text(),
+        params=jax.tree.map(np.asarray, state["params"]),
+        rest=jax.tree.map(np.asarray, state["rest"]),
+    )
     return _RUNS[key]
 
 

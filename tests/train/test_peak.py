@@ -9,17 +9,20 @@ def test_config_value_wins():
     assert peak.peak_flops(1e15, device_kind="TPU v5", dtype="bfloat16") == (1e15, "config")
 
 
-@pytest.mark.parametrize("kind, dtype, tflops, where", [
-    ("TPU v4", "bfloat16", 275, "tpu/docs/v4"),
-    ("TPU v5 lite", "bfloat16", 197, "v5e"),
-    ("TPU v5", "bfloat16", 459, "v5p"),  # v5p reports itself as "TPU v5", a prefix of "TPU v5 lite"
-    ("TPU v6 lite", "float32", 918, "v6e"),
-    ("NVIDIA A100-SXM4-80GB", "bfloat16", 312, "a100"),
-    ("NVIDIA A100-SXM4-80GB", "float32", 156, "a100"),  # TF32
-    ("NVIDIA H100 80GB HBM3", "bfloat16", 989.4, "SXM"),
-    ("NVIDIA H100 PCIe", "bfloat16", 756, "tensor-core"),  # listed before the SXM "H100" pattern
-    ("NVIDIA H200", "bfloat16", 989.4, "h200"),
-])
+@pytest.mark.parametrize(
+    "kind, dtype, tflops, where",
+    [
+        ("TPU v4", "bfloat16", 275, "tpu/docs/v4"),
+        ("TPU v5 lite", "bfloat16", 197, "v5e"),
+        ("TPU v5", "bfloat16", 459, "v5p"),  # v5p reports itself as "TPU v5", a prefix of "TPU v5 lite"
+        ("TPU v6 lite", "float32", 918, "v6e"),
+        ("NVIDIA A100-SXM4-80GB", "bfloat16", 312, "a100"),
+        ("NVIDIA A100-SXM4-80GB", "float32", 156, "a100"),  # TF32
+        ("NVIDIA H100 80GB HBM3", "bfloat16", 989.4, "SXM"),
+        ("NVIDIA H100 PCIe", "bfloat16", 756, "tensor-core"),  # listed before the SXM "H100" pattern
+        ("NVIDIA H200", "bfloat16", 989.4, "h200"),
+    ],
+)
 def test_datasheet_table(kind, dtype, tflops, where):
     value, source = peak.peak_flops(None, device_kind=kind, dtype=dtype)
     assert value == pytest.approx(tflops * 1e12)

@@ -56,7 +56,8 @@ def _check_master_weights(config):
     moved = np.abs(new - 1.0) / UPDATE
     assert moved.min() > 0.5 and moved.max() < 1.5, (
         f"param_dtype={cfg.param_dtype}: a {UPDATE} update moved the norm scale by "
-        f"{moved.min() * UPDATE:.3g}..{moved.max() * UPDATE:.3g}")
+        f"{moved.min() * UPDATE:.3g}..{moved.max() * UPDATE:.3g}"
+    )
     # Adam moments of the whole state in float32, unless optimizer.mu_dtype opts the first one out.
     (adam,) = _adam_states(abstract["opt_state"])
     assert {x.dtype for x in jax.tree.leaves(adam.mu)} == {jnp.dtype(opt.get("mu_dtype") or F32)}
@@ -90,8 +91,9 @@ def test_microbatch_gradients_are_summed_in_f32():
     cfg = tiny_config(vocab_size=264, param_dtype="bfloat16", dtype="bfloat16")
     tx = make_optimizer(default_optimizer_config(), 100)
     graphdef, state = init_state(cfg, tx, seed=0)
-    train_cfg = ml_collections.ConfigDict(dict(mtp_loss_weight=0.3, balance_loss_alpha=1e-4, bias_update_rate=1e-3,
-                                               microbatches=2))
+    train_cfg = ml_collections.ConfigDict(
+        dict(mtp_loss_weight=0.3, balance_loss_alpha=1e-4, bias_update_rate=1e-3, microbatches=2)
+    )
     jaxpr = jax.make_jaxpr(make_train_step(graphdef, tx, train_cfg))(state, _batch()).jaxpr
     (scan,) = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
     n_params = len(jax.tree.leaves(state["params"]))
@@ -105,8 +107,9 @@ def test_trainer_refuses_low_precision_master_weights(tmp_path):
 
     config = build("moe_tiny")
     config.model.param_dtype = "bfloat16"
-    config.train.update(steps=1, global_batch_size=2, eval_batches=1, peak_flops=1e12, progress=False,
-                        tensorboard=False)  # bounded, should the check ever be gone
+    config.train.update(
+        steps=1, global_batch_size=2, eval_batches=1, peak_flops=1e12, progress=False, tensorboard=False
+    )  # bounded, should the check ever be gone
     config.data.seq_len = 32
     config.optimizer.warmup_steps = 0
     with pytest.raises(ValueError, match=r"model.param_dtype='bfloat16': training keeps float32 parameters"):

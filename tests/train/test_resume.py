@@ -57,10 +57,13 @@ def test_remote_workdir_kill_resume_with_changes_then_rerun(tmp_path, monkeypatc
         assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 5] and "eval_loss" in rows[-1]
         moved = [json.loads(line) for line in fs.cat_file(f"{URL}/metrics.superseded.jsonl").decode().splitlines()]
         assert [r["step"] for r in moved] == [3, 4]
-        assert (3, True) in tb_events([fs.cat_file(f) for f in sorted(fs.find(f"{URL}/tb"))])  # TensorBoard's purge marker for the orphaned 3, 4
+        assert (3, True) in tb_events(
+            [fs.cat_file(f) for f in sorted(fs.find(f"{URL}/tb"))]
+        )  # TensorBoard's purge marker for the orphaned 3, 4
         info = json.loads(fs.cat_file(f"{URL}/run_info.json"))
         assert {k: v for k, v in info.items() if k != "resumes"} == {
-            k: v for k, v in json.loads(first_info).items() if k != "resumes"}  # the first start's, kept
+            k: v for k, v in json.loads(first_info).items() if k != "resumes"
+        }  # the first start's, kept
         [entry] = info["resumes"]
         assert entry["from_step"] == 2 and entry["superseded_metric_lines"] == 2
         assert entry["config_changes"] == {"optimizer.lr": [cfg.optimizer.lr, resumed.optimizer.lr]}

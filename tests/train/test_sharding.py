@@ -27,21 +27,27 @@ def test_mesh_resolves_minus_one_and_default_is_one_device():
     assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
 
 
-@pytest.mark.parametrize("sizes, needle", [
-    (dict(data=3), "has 3 devices but there are 8"),
-    (dict(data=-1, fsdp=3), "do not divide"),
-    (dict(data=-1, expert=-1), "at most one"),
-])
+@pytest.mark.parametrize(
+    "sizes, needle",
+    [
+        (dict(data=3), "has 3 devices but there are 8"),
+        (dict(data=-1, fsdp=3), "do not divide"),
+        (dict(data=-1, expert=-1), "at most one"),
+    ],
+)
 def test_refuses_mesh_not_matching_devices(sizes, needle):
     with pytest.raises(sharding.MeshConfigError, match=needle):
         sharding.make_mesh(_mesh_cfg(**sizes))
 
 
-@pytest.mark.parametrize("sizes, needle", [
-    (dict(data=1, expert=8), "mesh.expert=8 does not divide model.n_routed_experts=12"),
-    (dict(data=1, tensor=8), "mesh.tensor=8 does not divide model.n_heads=4"),
-    (dict(data=4, expert=2), "global_batch_size=4 is not divisible"),
-])
+@pytest.mark.parametrize(
+    "sizes, needle",
+    [
+        (dict(data=1, expert=8), "mesh.expert=8 does not divide model.n_routed_experts=12"),
+        (dict(data=1, tensor=8), "mesh.tensor=8 does not divide model.n_heads=4"),
+        (dict(data=4, expert=2), "global_batch_size=4 is not divisible"),
+    ],
+)
 def test_refuses_mesh_not_fitting_model_before_compiling(sizes, needle):
     cfg = ModelConfig(n_routed_experts=12, n_group=1, topk_group=1)
     with pytest.raises(sharding.MeshConfigError, match=needle):
@@ -96,6 +102,7 @@ def test_routed_experts_are_split_not_replicated(sharded_state):
     e, d, f = w.shape
     assert {s.data.shape for s in w.addressable_shards} == {(e // 2, d // 2, f // 2)}
     params_bytes = sum(x.nbytes for x in jax.tree.leaves(sharded_state["params"]))
-    per_device = sharding.per_device_bytes(sharded_state["params"],
-                                           jax.tree.map(lambda x: x.sharding, sharded_state["params"]))
+    per_device = sharding.per_device_bytes(
+        sharded_state["params"], jax.tree.map(lambda x: x.sharding, sharded_state["params"])
+    )
     assert params_bytes / 8 < per_device < params_bytes / 2

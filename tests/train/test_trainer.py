@@ -14,7 +14,7 @@ import pytest
 from configs.base import build
 from model.config import ModelConfig
 from tests.util import TINY
-from train.checkpoint import CheckpointMismatchError, Checkpointer, CorruptCheckpointError
+from train.checkpoint import Checkpointer, CheckpointMismatchError, CorruptCheckpointError
 from train.optimizer import make_optimizer
 from train.state import abstract_state
 from train.trainer import NonFiniteError, train_and_evaluate
@@ -40,8 +40,19 @@ def tiny(corpus, **train):
     c.data.source = corpus
     c.data.seq_len = 32
     c.data.val_percent = 20
-    c.train.update(dict(steps=6, global_batch_size=4, eval_every=100, eval_batches=1, checkpoint_every=3,
-                        tensorboard=False, progress=False, peak_flops=1e12, async_checkpoint=True))
+    c.train.update(
+        dict(
+            steps=6,
+            global_batch_size=4,
+            eval_every=100,
+            eval_batches=1,
+            checkpoint_every=3,
+            tensorboard=False,
+            progress=False,
+            peak_flops=1e12,
+            async_checkpoint=True,
+        )
+    )
     c.train.update(train)
     c.optimizer.warmup_steps = 2
     return c
@@ -73,7 +84,9 @@ def test_signal_saves_and_exits_cleanly(corpus, tmp_path, monkeypatch, sig):
     assert summary["preempted"] and summary["steps"] == 2
     # The checkpoint holds step 2 (the state's own counter, not only the directory name).
     ck = Checkpointer(os.path.join(tmp_path, wd, "checkpoints"), save_every=1, read_only=True)
-    _, abstract = abstract_state(ModelConfig.from_dict(cfg.model.to_dict()), make_optimizer(cfg.optimizer, cfg.train.steps), cfg.train.seed)
+    _, abstract = abstract_state(
+        ModelConfig.from_dict(cfg.model.to_dict()), make_optimizer(cfg.optimizer, cfg.train.steps), cfg.train.seed
+    )
     step, state, _, _ = ck.restore(abstract, expected_model=ModelConfig.from_dict(cfg.model.to_dict()).identity())
     assert step == 2 and int(state["step"]) == 2
     ck.close()
@@ -85,6 +98,7 @@ def test_non_finite_streak_keeps_the_last_good_checkpoint(corpus, tmp_path, monk
     import jax.numpy as jnp
 
     from train import trainer
+
     real = trainer.sharded_train_step
 
     def diverging(*args, **kw):
@@ -101,8 +115,11 @@ def test_non_finite_streak_keeps_the_last_good_checkpoint(corpus, tmp_path, monk
     monkeypatch.setattr(trainer, "sharded_train_step", diverging)
     wd = str(tmp_path / "run")
     cfg = tiny(corpus, checkpoint_every=1, keep_checkpoints=1, max_nonfinite_steps=3, steps=20)
-    with pytest.raises(NonFiniteError, match=r"3 consecutive non-finite steps \(last: 6\).*last good checkpoint "
-                                             r"is step 2 .*step 3 holds the state the non-finite steps started"):
+    with pytest.raises(
+        NonFiniteError,
+        match=r"3 consecutive non-finite steps \(last: 6\).*last good checkpoint "
+        r"is step 2 .*step 3 holds the state the non-finite steps started",
+    ):
         train_and_evaluate(cfg, wd)
     rows = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
     assert rows[-1]["step"] == 6 and rows[-1]["skipped_steps"] == 3
@@ -111,10 +128,12 @@ def test_non_finite_streak_keeps_the_last_good_checkpoint(corpus, tmp_path, monk
 
 
 def test_nonsense_values_are_refused(corpus, tmp_path):
-    for section, field, value, msg in [("optimizer", "lr", -1e-3, "optimizer.lr must be a finite number >= 0"),
-                                       ("optimizer", "b2", 1.0, "optimizer.b2 must be in"),
-                                       ("train", "keep_checkpoints", 0, "train.keep_checkpoints must be >= 1"),
-                                       ("train", "max_nonfinite_steps", 0, "train.max_nonfinite_steps must be >= 1")]:
+    for section, field, value, msg in [
+        ("optimizer", "lr", -1e-3, "optimizer.lr must be a finite number >= 0"),
+        ("optimizer", "b2", 1.0, "optimizer.b2 must be in"),
+        ("train", "keep_checkpoints", 0, "train.keep_checkpoints must be >= 1"),
+        ("train", "max_nonfinite_steps", 0, "train.max_nonfinite_steps must be >= 1"),
+    ]:
         cfg = tiny(corpus)
         cfg[section][field] = value
         with pytest.raises(ValueError, match=msg):
@@ -141,8 +160,9 @@ def test_corrupt_latest_checkpoint(corpus, tmp_path):
     with pytest.raises(CorruptCheckpointError, match="4"):
         train_and_evaluate(tiny(corpus, steps=6, checkpoint_every=2), wd)
     ran = []
-    summary = train_and_evaluate(tiny(corpus, steps=6, checkpoint_every=2, restore_fallback=True), wd,
-                                 on_step=ran.append)
+    summary = train_and_evaluate(
+        tiny(corpus, steps=6, checkpoint_every=2, restore_fallback=True), wd, on_step=ran.append
+    )
     assert summary["steps"] == 6 and ran == [3, 4, 5, 6]  # resumed after step 2, not from scratch
     # Every checkpoint corrupt: the fallback quarantines them all and stops; the next run refuses to
     # start from scratch over them (it used to train from step 1 silently) unless told to.
@@ -178,6 +198,16 @@ def test_bad_data_and_vocab_errors(corpus, tmp_path):
 
 
 def test_unknown_config_key_fails_on_the_command_line(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "train.main", "--config=configs/moe_tiny.py",
-                        "--config.train.stepz=3", f"--workdir={tmp_path}/x"], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "train.main",
+            "--config=configs/moe_tiny.py",
+            "--config.train.stepz=3",
+            f"--workdir={tmp_path}/x",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode != 0 and "stepz" in r.stderr

@@ -15,8 +15,10 @@ from tests.train.test_trainer import corpus, tiny  # noqa: F401 -- corpus is a f
 from train import workdir
 from train.trainer import train_and_evaluate
 
-_HOLD = ("import sys, time; from train.workdir import lock; held = lock(sys.argv[1]); "
-         "print('held', flush=True); time.sleep(120)")
+_HOLD = (
+    "import sys, time; from train.workdir import lock; held = lock(sys.argv[1]); "
+    "print('held', flush=True); time.sleep(120)"
+)
 
 
 def _holder(path):
@@ -61,8 +63,10 @@ def test_lease_lock_for_object_stores(tmp_path, monkeypatch):
 
 def test_unusable_workdir_fails_at_once_in_one_line(corpus, tmp_path):  # noqa: F811
     (tmp_path / "afile").write_text("x")
-    for wd, msg in ((tmp_path / "afile", "is a file, not a directory"),
-                    (tmp_path / "afile" / "run", "a parent is a file")):
+    for wd, msg in (
+        (tmp_path / "afile", "is a file, not a directory"),
+        (tmp_path / "afile" / "run", "a parent is a file"),
+    ):
         with pytest.raises(workdir.WorkdirError, match=msg) as e:
             train_and_evaluate(tiny(corpus), str(wd))
         assert "\n" not in str(e.value)
@@ -76,18 +80,28 @@ def _read_only_command(path, argv):
     if not shutil.which("unshare") or subprocess.run(["unshare", "-rm", "true"], check=False).returncode != 0:
         pytest.skip("running as root without user namespaces: no way to make a read-only directory")
     quoted = " ".join(f"'{a}'" for a in argv)
-    return ["unshare", "-rm", "sh", "-c",
-            f"mount --bind {path} {path} && mount -o remount,bind,ro {path} && exec {quoted}"]
+    return [
+        "unshare",
+        "-rm",
+        "sh",
+        "-c",
+        f"mount --bind {path} {path} && mount -o remount,bind,ro {path} && exec {quoted}",
+    ]
 
 
 def test_read_only_checkpoint_dir_fails_within_seconds(corpus, tmp_path):  # noqa: F811
     wd = tmp_path / "run"
     (wd / "checkpoints").mkdir(parents=True)
-    script = ("import sys; from tests.train.test_trainer import tiny; from train.trainer import train_and_evaluate; "
-              "train_and_evaluate(tiny(sys.argv[1]), sys.argv[2])")
+    script = (
+        "import sys; from tests.train.test_trainer import tiny; from train.trainer import train_and_evaluate; "
+        "train_and_evaluate(tiny(sys.argv[1]), sys.argv[2])"
+    )
     cmd = _read_only_command(wd / "checkpoints", [sys.executable, "-c", script, corpus, str(wd)])
     t0 = time.monotonic()
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=200, cwd=os.getcwd(), check=False)
     assert r.returncode != 0 and time.monotonic() - t0 < 60  # not orbax's 300 s barrier
-    assert re.search(rf"WorkdirError: checkpoint directory {wd}/checkpoints is not writable: "
-                     r"(Read-only file system|Permission denied)\n", r.stderr), r.stderr[-2000:]
+    assert re.search(
+        rf"WorkdirError: checkpoint directory {wd}/checkpoints is not writable: "
+        r"(Read-only file system|Permission denied)\n",
+        r.stderr,
+    ), r.stderr[-2000:]
