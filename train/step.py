@@ -30,7 +30,10 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, train_cfg, ep=No
     n_micro = train_cfg.microbatches
 
     def loss_fn(params, rest, mb):
-        model = nnx.merge(graphdef, params, rest)
+        # Fresh Variables owned by this trace: under jax.grad, ``rest`` (router biases) is traced by
+        # the outer jit and ``params`` by grad, and ``nnx.scan`` (``scan_layers``) refuses Variables
+        # of another trace level.
+        model = nnx.merge(graphdef, params, rest, copy=True)
         out = model(mb["inputs"], mb["positions"], mb["segment_ids"], train=True, ep=ep)
         losses = lm_losses(out, mb, mtp_w)
         balance = alpha * out.aux["balance_loss"]

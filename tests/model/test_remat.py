@@ -12,7 +12,6 @@ from model.loss import token_cross_entropy
 from model.transformer import Transformer
 from tests.tolerances import assert_close
 from tests.util import tiny_config
-from train.state import merge
 
 # scan_layers: the dense block runs outside nnx.scan, the MoE blocks inside it (both remat paths).
 _CFG = dict(scan_layers=True, n_layers=2, first_k_dense=1, mtp_depth=0)
@@ -25,12 +24,12 @@ def _loss_and_grads(remat: str):
     ids = jnp.asarray(rng.randint(0, cfg.vocab_size, (2, 12)), jnp.int32)
     targets = jnp.roll(ids, -1, axis=1)
 
-    def loss_fn(params):
-        out = merge(graphdef, params, rest)(ids)
+    def loss_fn(params, rest):
+        out = nnx.merge(graphdef, params, rest, copy=True)(ids)  # as train/step.py does
         return token_cross_entropy(out.logits, targets).mean() + out.aux["balance_loss"]
 
-    jaxpr = jax.make_jaxpr(loss_fn)(params)
-    loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params)
+    jaxpr = jax.make_jaxpr(loss_fn)(params, rest)
+    loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params, rest)
     return jaxpr, loss, grads
 
 
