@@ -50,7 +50,9 @@ GiB = 2**30
 
 
 def _mesh_product(mesh_cfg):
-    sizes = [int(getattr(mesh_cfg, a)) for a in ("data", "fsdp", "expert", "tensor")]
+    from train.sharding import MESH_AXES
+
+    sizes = [int(getattr(mesh_cfg, a)) for a in MESH_AXES]
     return None if -1 in sizes else math.prod(sizes)
 
 
@@ -67,10 +69,14 @@ def activation_estimate(cfg, sizes: dict, rows: int, seq_len: int, attention_imp
     x 3 in f32), and the f32 logits, softmax and gradient [rows, t, V/tensor].
     """
     from model.moe_ep import send_capacity
+    from train.sharding import RULES
+
+    def split(logical: str) -> int:  # devices a logical axis is split over (the one rules table)
+        return math.prod(sizes[a] for a in RULES[logical])
 
     act = 2 if cfg.dtype in ("bfloat16", "float16") else 4
     t, d = seq_len, cfg.d_model
-    h = cfg.n_heads // sizes["tensor"]
+    h = cfg.n_heads // split("heads")
     blocks = cfg.n_layers + cfg.mtp_depth
     tokens = rows * t
     naive = attention_impl == "naive"
@@ -80,10 +86,10 @@ def activation_estimate(cfg, sizes: dict, rows: int, seq_len: int, attention_imp
         saved = blocks * tokens * d * act
     tile = min(512, t)
     attention = 3 * rows * h * t * t * 4 if naive else rows * h * (4 * tile * tile + t * cfg.qk_head_dim) * 4
-    n = sizes["expert"]
+    n = split("expert")
     cap = send_capacity(cfg, tokens, n)
-    moe = 3 * n * cap * d * act + 3 * n * cap * (cfg.moe_ffn_dim // sizes["tensor"]) * 4
-    logits = 3 * tokens * math.ceil(cfg.vocab_size / sizes["tensor"]) * 4 * (1 + cfg.mtp_depth)
+    moe = 3 * n * cap * d * act + 3 * n * cap * (cfg.moe_ffn_dim // split("expert_mlp")) * 4
+    logits = 3 * tokens * math.ceil(cfg.vocab_size / split("vocab")) * 4 * (1 + cfg.mtp_depth)
     return {
         "saved_for_backward": saved,
         "attention_working_set": attention,
