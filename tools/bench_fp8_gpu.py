@@ -25,7 +25,6 @@ product of their dequantized operands, so there it measures the GEMM alone), bac
 import argparse
 import functools
 import json
-import time
 
 import jax
 import jax.numpy as jnp
@@ -34,19 +33,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels_pallas.fp8 import reference
+from tools.bench_kernels import _time_ms
 
 BLOCK = reference.BLOCK
 F8 = jnp.float8_e4m3fn
-
-
-def _time_ms(fn, *args, iters):
-    jax.block_until_ready(fn(*args))  # compile and warm up
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
 
 
 def quantize_tensor(a):
