@@ -35,6 +35,7 @@ from typing import Any, Callable, Optional
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -115,7 +116,15 @@ def make_mesh(mesh_cfg, devices: Optional[list] = None) -> Mesh:
     auto = (AxisType.Auto,) * len(MESH_AXES)
     if math.prod(shape) == 1:
         return Mesh(np.asarray(devices[:1]).reshape(shape), MESH_AXES, axis_types=auto)
-    return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+    try:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+    except NotImplementedError:
+        # "Failed to find assignment for logical_axis_index ...": jax.make_mesh lays each mesh axis
+        # on whole physical torus axes, which fails for e.g. 1x16x64x2 on a v5p 8x16x16 pod. Then
+        # split physical axes: the mesh builds, at the price of some axes spanning a ring less
+        # well (mesh_utils' documented fallback).
+        grid = mesh_utils.create_device_mesh(shape, devices[: math.prod(shape)], allow_split_physical_axes=True)
+        return Mesh(grid, MESH_AXES, axis_types=auto)
 
 
 def batch_parallelism(sizes: dict[str, int]) -> int:
