@@ -23,6 +23,7 @@ One JSON line per measurement, then a markdown table. Results: docs/benchmarks.m
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -40,26 +41,14 @@ from model.transformer import Transformer
 
 
 def issue_shape(dtype: str = "float32") -> ModelConfig:
-    return ModelConfig(
+    """Issue #12's model: the ``small`` preset with 4 layers, a 256-wide query latent, 16 experts and
+    an 8,192-token vocabulary."""
+    return dataclasses.replace(
+        presets.small(),
         vocab_size=8192,
-        d_model=512,
         n_layers=4,
-        first_k_dense=1,
-        dense_ffn_dim=1536,
-        n_heads=8,
         q_lora_rank=256,
-        kv_lora_rank=128,
-        qk_nope_head_dim=64,
-        qk_rope_head_dim=32,
-        v_head_dim=64,
         n_routed_experts=16,
-        n_shared_experts=1,
-        n_experts_per_tok=4,
-        moe_ffn_dim=256,
-        n_group=4,
-        topk_group=2,
-        mtp_depth=1,
-        max_seq_len=4096,
         param_dtype=dtype,
         dtype=dtype,
     )
