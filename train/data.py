@@ -1,13 +1,21 @@
-"""Data pipeline: text files -> tokens -> packed [b, t] batches, built on grain.
+"""Data pipeline: documents -> tokens -> packed [b, t] batches, built on grain.
+
+Sources (`train/sources/`): text/JSONL globs, Parquet, saved Hugging Face `datasets` directories,
+ArrayRecord files, and token directories pre-tokenized once by `tools/pretokenize.py`; local or
+remote (`gs://...`) through `etils.epath`. `data.mixture` draws from several of them by weight.
 
 Stages (train; eval drops the repeat):
-  index      every document of the split is tokenized once to count its tokens ([BOS] ids [EOS]),
-             and cut into chunks of at most seq_len+1 tokens that overlap by one, so every token but
-             BOS is a target exactly once: the (document, offset) `ChunkIndex`. Built before the
-             first batch (on several processes with an `allgather`, each counts 1/process_count).
+  index      every document of the split is tokenized once to count its tokens ([BOS] ids [EOS])
+             (a token directory has the counts on disk), and cut into chunks of at most seq_len+1
+             tokens that overlap by one, so every token but BOS is a target exactly once: the
+             (document, offset) `ChunkIndex`. Built before the first batch (on several processes
+             with an `allgather`, each counts 1/process_count).
   shuffle    one seeded global permutation of all chunks per epoch (grain's `MapDataset.shuffle`,
              a fresh order every epoch), infinite repeat. A batch draws its chunks from the whole
              split: a long document does not fill consecutive batches.
+  mixture    (data.mixture only) each source's shuffled chunk stream (source i seeded seed + i) is
+             interleaved by grain's `MapDataset.mix` in the proportions of the weights: shares of
+             chunks, deterministic, resumable from the position alone.
   packing    grain first-fit packing of the chunks, by length only, into rows of length t = seq_len.
              segment_ids 1, 2, ... per packed chunk, 0 = padding. positions restart at 0 for every
              chunk (also for a chunk that continues a document), so positions < seq_len always.
@@ -29,20 +37,19 @@ text) and materializes only its own rows of each global batch. The union of a st
 processes is exactly the 1-process batch, so the data (and so the loss) is the same whatever the
 process count, and a checkpoint taken with N processes resumes with M.
 
-Files are read through `etils.epath`, so `data.source` may be a remote glob (`gs://bucket/data/*.txt`;
-`**` only for local paths) and `data.tokenizer` a remote tokenizer.json.
-
 Default corpus ("stdlib"): every `.py` file under `sysconfig.get_paths()["stdlib"]`, including the
 standard library's own test suites (`test/`, `idle_test/`; ~1,800 files, ~31 MB on CPython 3.11),
 excluding site-packages/dist-packages. Files are read as UTF-8 with invalid bytes replaced by
 U+FFFD (a few test files are deliberately mis-encoded). No network is ever used.
 
-Train/validation split, by file: a file goes to validation when
-int(first 8 bytes of sha256(path relative to the corpus root)) mod 100 < val_percent; the root is the stdlib directory,
-or for a glob the directory part before its first wildcard. So a file's split never depends on the
-other files or on the working directory. One exception keeps small corpora usable: if that rule
-leaves a split empty while val_percent asks for both and there are >= 2 files, the file with the
-lowest (for validation) or highest (for train) hash is moved over.
+Train/validation split (`train/sources/files.py`): by file for text/JSONL (a file goes to
+validation when int(first 8 bytes of sha256(path relative to the corpus root)) mod 100 <
+val_percent; the root is the stdlib directory, or for a glob the directory part before its first
+wildcard), by record for the other formats (a hash of the file's key and the record number). So a
+document's split never depends on the other files or on the working directory. One exception
+keeps small corpora usable: if that rule leaves a split empty while val_percent asks for both and
+there are >= 2 files (records), the one with the lowest (for validation) or highest (for train)
+hash is moved over.
 """
 
 from __future__ import annotations
