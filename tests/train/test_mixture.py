@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.train.test_data import _cfg, _pieces
+from tests.train.test_data import _cfg, _pieces, assert_resumes_bitwise
 from tests.train.test_sources import _write_array_record
 from train import data
 
@@ -23,8 +23,8 @@ def mixture(tmp_path_factory):
     (root / "a").mkdir()
     for j, t in enumerate(docs[0]):
         (root / "a" / f"{j:04d}.txt").write_text(t)
-    for f in range(4):
-        (root / f"b{f}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs[1][f::4]))
+    for f in range(20):
+        (root / f"b{f:02d}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs[1][f::20]))
     _write_array_record(root / "c.array_record", docs[2])
     return (
         dict(source=str(root / "a" / "*.txt"), weight=5),
@@ -54,18 +54,12 @@ def test_proportions_within_2_percent_over_10000_sequences(mixture):
 
 
 def test_mixture_resumes_exactly_and_follows_the_seed(mixture):
-    cfg = _cfg(mixture=mixture, seq_len=16, val_percent=20)
-    it = data.make_train_iterator(cfg, global_batch_size=8)
-    for _ in range(7):
-        next(it)
-    state = json.loads(json.dumps(it.get_state()))
-    expected = [next(it) for _ in range(20)]  # every source wraps around at least once
-    resumed = data.make_train_iterator(cfg, global_batch_size=8)
-    resumed.set_state(state)
-    for want in expected:
-        got = next(resumed)
-        for k in want:
-            np.testing.assert_array_equal(got[k], want[k])
+    # val_percent=90 leaves ~100 training documents (= chunks) per source: every source starts a new
+    # epoch within the batches checked after the saved state
+    cfg = _cfg(mixture=mixture, seq_len=16, val_percent=90)
+    state, after = assert_resumes_bitwise(cfg, 8, 7, 30)
+    chunks = [len(data.load_corpus(c, "train")) for c, _ in data.mixture_components(cfg)]
+    assert (np.bincount([s for b in after for s in _sources_of(b)], minlength=3) > chunks).all()
 
     def first(seed):
         it = data.make_train_iterator(_cfg(mixture=mixture, seq_len=16, seed=seed), global_batch_size=8)
@@ -75,7 +69,7 @@ def test_mixture_resumes_exactly_and_follows_the_seed(mixture):
     assert not np.array_equal(first(3), first(4))
     other = dict(mixture[0], weight=1)
     reweighted = data.make_train_iterator(
-        _cfg(mixture=(other,) + mixture[1:], seq_len=16, val_percent=20), global_batch_size=8
+        _cfg(mixture=(other,) + mixture[1:], seq_len=16, val_percent=90), global_batch_size=8
     )
     with pytest.raises(ValueError, match="different stream.*mixture"):
         reweighted.set_state(state)

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.train.test_data import _cfg, _expected_pieces, _pieces, _texts, _write_text_corpus
+from tests.train.test_data import _cfg, _expected_pieces, _pieces, _texts, _write_text_corpus, assert_resumes_bitwise
 from train import data
 from train.sources import files, tokens
 
@@ -159,17 +159,7 @@ def test_pretokenized_documents_and_eval(token_dir):
 def test_pretokenized_resumes_exactly(token_dir, n_before):
     out, _ = token_dir
     cfg = _cfg(source=out, format="tokens", seq_len=16, val_percent=20)
-    it = data.make_train_iterator(cfg, global_batch_size=4)
-    for _ in range(n_before):
-        next(it)
-    state = json.loads(json.dumps(it.get_state()))
-    expected = [next(it) for _ in range(15)]  # several epochs of this split
-    resumed = data.make_train_iterator(cfg, global_batch_size=4)
-    resumed.set_state(state)
-    for want in expected:
-        got = next(resumed)
-        for k in want:
-            np.testing.assert_array_equal(got[k], want[k])
+    assert_resumes_bitwise(cfg, 4, n_before, 15)  # several epochs of this split
 
 
 def test_pretokenized_processes_read_only_their_rows(token_dir):
