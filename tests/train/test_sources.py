@@ -237,3 +237,37 @@ def test_pretokenize_cli_and_remote_token_dir(tmp_path, monkeypatch):
             for k in want:
                 np.testing.assert_array_equal(got[k], want[k])
     assert not (tmp_path / "gs:").exists()
+
+
+def test_remote_parquet_and_hf_disk(tmp_path, monkeypatch):
+    """The same files on a gs:// bucket (through etils.epath) give the same documents and batches."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    from tests.train.fake_gcs import fake_gcs
+
+    texts = _texts(24)
+    (tmp_path / "pq").mkdir()
+    for f in range(2):
+        pq.write_table(pa.table({"text": texts[f::2]}), tmp_path / "pq" / f"part{f}.parquet", row_group_size=5)
+    _save_to_disk(str(tmp_path / "ds"), {"text": texts}, shards=2)
+    local = {
+        "parquet": _cfg(source=str(tmp_path / "pq" / "*.parquet"), format="parquet", seq_len=16, val_percent=30),
+        "hf_disk": _cfg(source=str(tmp_path / "ds"), format="hf_disk", seq_len=16, val_percent=30),
+    }
+    want = {k: next(data.make_train_iterator(c, global_batch_size=4)) for k, c in local.items()}
+    monkeypatch.chdir(tmp_path)
+    with fake_gcs() as fs:
+        for sub in ("pq", "ds"):
+            for p in (tmp_path / sub).iterdir():
+                fs.pipe_file(f"bucket/{sub}/{p.name}", p.read_bytes())
+        remote = {
+            "parquet": _cfg(source="gs://bucket/pq/*.parquet", format="parquet", seq_len=16, val_percent=30),
+            "hf_disk": _cfg(source="gs://bucket/ds", format="hf_disk", seq_len=16, val_percent=30),
+        }
+        for k, cfg in remote.items():
+            corpus = data.load_corpus(cfg, "validation")
+            assert all(p.startswith("gs://bucket/") for p in corpus.paths)
+            got = next(data.make_train_iterator(cfg, global_batch_size=4))
+            for key in want[k]:
+                np.testing.assert_array_equal(got[key], want[k][key])
+    assert not (tmp_path / "gs:").exists()
