@@ -45,8 +45,9 @@ def chunk_index(doc_lengths: np.ndarray, seq_len: int) -> ChunkIndex:
 
 
 class Documents:
-    """[BOS] ids [EOS] of each document, read and tokenized on first use and kept in an LRU cache
-    of at most `budget` tokens (a cache miss reads and tokenizes the document again)."""
+    """[BOS] ids [EOS] of each document, read and tokenized on first use (or read as stored token
+    ids, for a pre-tokenized source) and kept in an LRU cache of at most `budget` tokens (a cache
+    miss reads the document again)."""
 
     def __init__(self, corpus: Sequence[str], tok: Tokenizer, budget: int = CACHE_TOKENS):
         self.corpus, self._tok, self._budget = corpus, tok, budget
@@ -61,9 +62,9 @@ class Documents:
             self._cache.move_to_end(d)
             return ids
         self.reads += 1
-        ids = np.concatenate([[self._tok.bos_id], self._tok.encode(self.corpus[d]), [self._tok.eos_id]]).astype(
-            np.int32
-        )
+        stored = self.corpus.stored_tokens(d) if hasattr(self.corpus, "stored_tokens") else None
+        body = self._tok.encode(self.corpus[d]) if stored is None else stored
+        ids = np.concatenate([[self._tok.bos_id], body, [self._tok.eos_id]]).astype(np.int32)
         self._cache[d] = ids
         self._cached_tokens += len(ids)
         while self._cached_tokens > self._budget and len(self._cache) > 1:
@@ -74,6 +75,9 @@ class Documents:
         """[n] token count of every document. With `allgather` (an all-process gather of a [m] int64
         array into [process_count, m]) each process tokenizes only documents process_index::process_count."""
         n = len(self.corpus)
+        stored = self.corpus.stored_lengths() if hasattr(self.corpus, "stored_lengths") else None
+        if stored is not None:  # a pre-tokenized source: the counts are on disk, nothing is read
+            return stored + 2
         if allgather is None or process_count == 1:
             return np.asarray([len(self(d)) for d in range(n)], np.int64)
         m = -(-n // process_count)

@@ -1,13 +1,21 @@
-"""Data pipeline: text files -> tokens -> packed [b, t] batches, built on grain.
+"""Data pipeline: documents -> tokens -> packed [b, t] batches, built on grain.
+
+Sources (`train/sources/`): text/JSONL globs, Parquet, saved Hugging Face `datasets` directories,
+ArrayRecord files, and token directories pre-tokenized once by `tools/pretokenize.py`; local or
+remote (`gs://...`) through `etils.epath`. `data.mixture` draws from several of them by weight.
 
 Stages (train; eval drops the repeat):
-  index      every document of the split is tokenized once to count its tokens ([BOS] ids [EOS]),
-             and cut into chunks of at most seq_len+1 tokens that overlap by one, so every token but
-             BOS is a target exactly once: the (document, offset) `ChunkIndex`. Built before the
-             first batch (on several processes with an `allgather`, each counts 1/process_count).
+  index      every document of the split is tokenized once to count its tokens ([BOS] ids [EOS])
+             (a token directory has the counts on disk), and cut into chunks of at most seq_len+1
+             tokens that overlap by one, so every token but BOS is a target exactly once: the
+             (document, offset) `ChunkIndex`. Built before the first batch (on several processes
+             with an `allgather`, each counts 1/process_count).
   shuffle    one seeded global permutation of all chunks per epoch (grain's `MapDataset.shuffle`,
              a fresh order every epoch), infinite repeat. A batch draws its chunks from the whole
              split: a long document does not fill consecutive batches.
+  mixture    (data.mixture only) each source's shuffled chunk stream (source i seeded seed + i) is
+             interleaved by grain's `MapDataset.mix` in the proportions of the weights: shares of
+             chunks, deterministic, resumable from the position alone.
   packing    grain first-fit packing of the chunks, by length only, into rows of length t = seq_len.
              segment_ids 1, 2, ... per packed chunk, 0 = padding. positions restart at 0 for every
              chunk (also for a chunk that continues a document), so positions < seq_len always.
@@ -29,41 +37,36 @@ text) and materializes only its own rows of each global batch. The union of a st
 processes is exactly the 1-process batch, so the data (and so the loss) is the same whatever the
 process count, and a checkpoint taken with N processes resumes with M.
 
-Files are read through `etils.epath`, so `data.source` may be a remote glob (`gs://bucket/data/*.txt`;
-`**` only for local paths) and `data.tokenizer` a remote tokenizer.json.
-
 Default corpus ("stdlib"): every `.py` file under `sysconfig.get_paths()["stdlib"]`, including the
 standard library's own test suites (`test/`, `idle_test/`; ~1,800 files, ~31 MB on CPython 3.11),
 excluding site-packages/dist-packages. Files are read as UTF-8 with invalid bytes replaced by
 U+FFFD (a few test files are deliberately mis-encoded). No network is ever used.
 
-Train/validation split, by file: a file goes to validation when
-int(first 8 bytes of sha256(path relative to the corpus root)) mod 100 < val_percent; the root is the stdlib directory,
-or for a glob the directory part before its first wildcard. So a file's split never depends on the
-other files or on the working directory. One exception keeps small corpora usable: if that rule
-leaves a split empty while val_percent asks for both and there are >= 2 files, the file with the
-lowest (for validation) or highest (for train) hash is moved over.
+Train/validation split (`train/sources/files.py`): by file for text/JSONL (a file goes to
+validation when int(first 8 bytes of sha256(path relative to the corpus root)) mod 100 <
+val_percent; the root is the stdlib directory, or for a glob the directory part before its first
+wildcard), by record for the other formats (a hash of the file's key and the record number). So a
+document's split never depends on the other files or on the working directory. One exception
+keeps small corpora usable: if that rule leaves a split empty while val_percent asks for both and
+there are >= 2 files (records), the one with the lowest (for validation) or highest (for train)
+hash is moved over.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import glob
-import hashlib
 import itertools
 import json
-import os
-import sysconfig
+import math
 from typing import Callable, Optional
 
 import grain
 import ml_collections
 import numpy as np
-from etils import epath
 
-from train import paths as paths_lib
+from train import sources
 from train.chunks import ChunkIndex, Documents, assemble_rows, chunk_index
-from train.tokenizer import load_tokenizer
+from train.sources import Corpus
+from train.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = [
     "default_data_config",
@@ -74,6 +77,7 @@ __all__ = [
     "check_token_ids",
     "TrainIterator",
     "load_corpus",
+    "mixture_components",
     "Corpus",
     "ChunkIndex",
     "chunk_index",
@@ -82,27 +86,38 @@ __all__ = [
 # Rows packed together by first-fit; fixed (not the batch size) so the row stream is the same for
 # any batch size.
 _PACKING_BINS = 64
-# 2: the global chunk shuffle (1 was the document shuffle + chunk window shuffle).
+# 2: the global chunk shuffle (1 was the document shuffle + chunk window shuffle). A single source
+# streams exactly as before mixtures and the other formats existed.
 _STATE_VERSION = 2
-_WILDCARDS = "*?["
+# Fields a mixture entry may set; the ones it leaves out come from data.* itself.
+_ENTRY_FIELDS = ("source", "format", "jsonl_field", "text_column", "weight")
 
 
 def default_data_config() -> ml_collections.ConfigDict:
     """`config.data` defaults; every field is documented on its line."""
     c = ml_collections.ConfigDict()
-    # "stdlib" (this Python's standard-library .py sources) or a glob of files, e.g. "data/**/*.txt".
+    # "stdlib" (this Python's standard-library .py sources), a glob of files ("data/**/*.txt",
+    # "gs://bucket/web/*.parquet"), or a directory (format hf_disk or tokens).
     c.source = "stdlib"
-    # "text": one document per file; "jsonl": one document per non-blank line.
+    # text | jsonl | parquet | hf_disk (datasets' save_to_disk) | arrayrecord | tokens (tools.pretokenize).
     c.format = "text"
     # jsonl only: the string field holding the document text.
     c.jsonl_field = "text"
-    # "byte" (259 ids: 256 bytes + PAD/BOS/EOS) or a path to a Hugging Face tokenizer.json.
+    # parquet and hf_disk: the string column holding the document text.
+    c.text_column = "text"
+    # Weighted mixture replacing source/format: a tuple of dicts such as
+    # dict(source="web/*.parquet", format="parquet", weight=0.7); an entry may also set jsonl_field or
+    # text_column (else data.*'s). Weights are shares of the packed sequences (chunks), normalised.
+    c.mixture = ()
+    # "byte" (259 ids: 256 bytes + PAD/BOS/EOS), a Hugging Face tokenizer.json, or a model directory
+    # holding one (BOS/EOS/PAD then come from its tokenizer_config.json / special_tokens_map.json).
     c.tokenizer = "byte"
     # Tokens per row t; each packed chunk has at most seq_len inputs (needs >= 2).
     c.seq_len = 256
-    # Percent of files (by stable hash of the relative path) held out for validation, 0..100.
+    # Percent held out for validation, 0..100: of the files (text, jsonl) or of the records (other
+    # formats), by a stable hash (train/sources/files.py).
     c.val_percent = 5
-    # Seeds the per-epoch global shuffle of the chunks.
+    # Seeds the per-epoch global shuffle of the chunks (mixture entry i uses seed + i).
     c.seed = 0
     # Shuffle all chunks of the split (a new permutation every epoch); False keeps document order.
     c.shuffle = True
@@ -113,150 +128,66 @@ def _resolve(data_cfg) -> ml_collections.ConfigDict:
     """`data_cfg` (ConfigDict or any object with attributes) over the defaults; validated."""
     fields = default_data_config().to_dict()
     fields.update({k: getattr(data_cfg, k) for k in fields if hasattr(data_cfg, k)})
+    fields["mixture"] = tuple(dict(e) for e in (fields["mixture"] or ()))
     cfg = ml_collections.ConfigDict(fields)
     _check_config(cfg)
     return cfg
 
 
+def _check_source(cfg, where: str) -> None:
+    if cfg.format not in sources.FORMATS:
+        raise ValueError(f"{where}format must be one of {', '.join(sources.FORMATS)}; got {cfg.format!r}")
+    if not isinstance(cfg.source, str) or not cfg.source:
+        raise ValueError(f"{where}source must be 'stdlib', a non-empty glob or a directory, got {cfg.source!r}")
+    if cfg.source == "stdlib" and cfg.format != "text":
+        raise ValueError(f"{where}source='stdlib' is read as text, not {cfg.format!r}")
+
+
 def _check_config(cfg) -> None:
     if not isinstance(cfg.seq_len, int) or cfg.seq_len < 2:
         raise ValueError(f"data.seq_len must be an int >= 2 (one input and its target), got {cfg.seq_len!r}")
-    if cfg.format not in ("text", "jsonl"):
-        raise ValueError(f"data.format must be 'text' or 'jsonl', got {cfg.format!r}")
     if not 0 <= cfg.val_percent <= 100:
         raise ValueError(f"data.val_percent must be in [0, 100], got {cfg.val_percent!r}")
-    if not isinstance(cfg.source, str) or not cfg.source:
-        raise ValueError(f"data.source must be 'stdlib' or a non-empty glob, got {cfg.source!r}")
+    if not cfg.mixture:
+        _check_source(cfg, "data.")
+    for i, entry in enumerate(cfg.mixture):
+        unknown = sorted(set(entry) - set(_ENTRY_FIELDS))
+        if unknown or "source" not in entry or "weight" not in entry:
+            raise ValueError(
+                f"data.mixture[{i}] needs 'source' and 'weight' and may set only {', '.join(_ENTRY_FIELDS)}; "
+                f"got {sorted(entry)}"
+            )
+        w = entry["weight"]
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0:
+            raise ValueError(f"data.mixture[{i}].weight must be a positive number, got {w!r}")
+        _check_source(ml_collections.ConfigDict({**cfg.to_dict(), **entry}), f"data.mixture[{i}].")
 
 
-# ----------------------------------------------------------------------------------------------
-# Corpus: the documents of one split.
+def mixture_components(data_cfg) -> list[tuple[ml_collections.ConfigDict, float]]:
+    """[(single-source data config, weight)]: data.mixture's entries over data.*, weights normalised
+    to sum 1; one (data, 1.0) without a mixture."""
+    cfg = _resolve(data_cfg)
+    if not cfg.mixture:
+        return [(cfg, 1.0)]
+    base = {**cfg.to_dict(), "mixture": ()}
+    parts = [({**base, **{k: v for k, v in e.items() if k != "weight"}}, float(e["weight"])) for e in cfg.mixture]
+    total = sum(w for _, w in parts)
+    return [(ml_collections.ConfigDict(c), w / total) for c, w in parts]
 
 
-@dataclasses.dataclass(frozen=True)
-class Corpus:
-    """Lazily read documents. `docs[i] = (file index, byte start, byte end)`; end -1 = whole file."""
-
-    paths: tuple[str, ...]
-    docs: np.ndarray  # [n, 3] int64
-    format: str
-    jsonl_field: str
-
-    def __len__(self) -> int:
-        return len(self.docs)
-
-    def __getitem__(self, i: int) -> str:
-        f, start, end = (int(x) for x in self.docs[i])
-        with epath.Path(self.paths[f]).open("rb") as fh:
-            if end < 0:
-                raw = fh.read()
-            else:
-                fh.seek(start)
-                raw = fh.read(end - start)
-        if self.format == "jsonl":
-            return json.loads(raw)[self.jsonl_field]
-        return raw.decode("utf-8", errors="replace")
-
-
-def _list_files(source: str) -> tuple[str, list[str]]:
-    """(root, sorted absolute file paths) for "stdlib" or a glob."""
-    if source == "stdlib":
-        root = sysconfig.get_paths()["stdlib"]
-        paths = []
-        for d, dirs, files in os.walk(root):
-            dirs[:] = [x for x in dirs if x not in ("site-packages", "dist-packages", "__pycache__")]
-            paths += [os.path.join(d, f) for f in files if f.endswith(".py")]
-        return root, sorted(paths)
-    remote = paths_lib.is_remote(source)
-    pattern = source if remote else os.path.expanduser(source)
-    if epath.Path(pattern).is_dir():
-        raise ValueError(f"data.source={source!r} is a directory; give a glob such as {source.rstrip('/')}/*.txt")
-    parts = pattern.split("/")
-    fixed = next((i for i, p in enumerate(parts) if any(c in p for c in _WILDCARDS)), len(parts) - 1)
-    if not remote:
-        root = os.path.abspath("/".join(parts[:fixed]) or ".")
-        paths = sorted(os.path.abspath(p) for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
-    elif "**" in pattern:
-        raise ValueError(
-            f"data.source={source!r}: '**' globs are local only (each level costs a listing on a "
-            f"remote store); use one '*' per directory level"
-        )
-    else:
-        root = "/".join(parts[:fixed])
-        paths = sorted(str(p) for p in epath.Path(root).glob("/".join(parts[fixed:])) if p.is_file())
-    if not paths:
-        where = "" if remote else f" (cwd {os.getcwd()})"
-        raise ValueError(f"data.source={source!r}: the path/glob matched no files{where}")
-    return root, paths
-
-
-def _relative(path: str, root: str) -> str:
-    return path[len(root.rstrip("/")) + 1 :] if paths_lib.is_remote(path) else os.path.relpath(path, root)
-
-
-def _split_files(root: str, paths: list[str], val_percent: float) -> dict[str, list[str]]:
-    """Deterministic by-file split (see module docstring)."""
-    keys = [int.from_bytes(hashlib.sha256(_relative(p, root).encode()).digest()[:8], "big") for p in paths]
-    is_val = [k % 100 < val_percent for k in keys]
-    if len(paths) >= 2 and 0 < val_percent < 100:
-        ranked = sorted(range(len(paths)), key=lambda i: (keys[i] % 100, keys[i]))
-        if not any(is_val):
-            is_val[ranked[0]] = True
-        elif all(is_val):
-            is_val[ranked[-1]] = False
-    return {
-        "train": [p for p, v in zip(paths, is_val) if not v],
-        "validation": [p for p, v in zip(paths, is_val) if v],
-    }
-
-
-def _index_documents(paths: list[str], fmt: str, field: str) -> np.ndarray:
-    """[n, 3] document table. jsonl files are read and validated once here, so a bad line fails at
-    startup naming file and line, not hours into training."""
-    docs = []
-    for f, path in enumerate(paths):
-        if fmt == "text":
-            if epath.Path(path).stat().length > 0:
-                docs.append((f, 0, -1))
-            continue
-        data = epath.Path(path).read_bytes()
-        start = 0
-        for lineno, line in enumerate(data.split(b"\n"), start=1):
-            end = start + len(line)
-            if line.strip():
-                try:
-                    record = json.loads(line)
-                except ValueError as e:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
-                if not isinstance(record, dict) or field not in record:
-                    raise ValueError(f"{path}:{lineno}: JSON line has no field {field!r} (data.jsonl_field)")
-                if not isinstance(record[field], str):
-                    raise ValueError(
-                        f"{path}:{lineno}: field {field!r} is {type(record[field]).__name__}, not a string"
-                    )
-                if record[field]:
-                    docs.append((f, start, end))
-            start = end + 1
-    return np.asarray(docs, np.int64).reshape(-1, 3)
-
-
-def load_corpus(data_cfg, split: str) -> Corpus:
-    """The documents of split "train" or "validation"."""
-    data_cfg = _resolve(data_cfg)
-    root, paths = _list_files(data_cfg.source)
-    all_docs = _index_documents(paths, data_cfg.format, data_cfg.jsonl_field)
-    if len(all_docs) == 0:
-        raise ValueError(f"data.source={data_cfg.source!r}: the {len(paths)} matched file(s) contain no text")
-    files = _split_files(root, paths, data_cfg.val_percent)[split]
-    in_split = set(files)
-    keep = np.asarray([p in in_split for p in paths], bool)
-    docs = all_docs[keep[all_docs[:, 0]]]
-    if len(docs) == 0:
-        raise ValueError(
-            f"data.source={data_cfg.source!r}: the {split} split is empty ({len(files)} of {len(paths)} files, "
-            f"val_percent={data_cfg.val_percent}); add files or change data.val_percent"
-        )
-    return Corpus(tuple(paths), docs, data_cfg.format, data_cfg.jsonl_field)
+def load_corpus(data_cfg, split: Optional[str], tok: Optional[Tokenizer] = None) -> Corpus:
+    """The documents of split "train" or "validation" (None: all) of a single source (not a mixture: see
+    `mixture_components`). `tok`: the run's tokenizer, checked against a pre-tokenized source (it
+    is loaded from data.tokenizer when not given)."""
+    cfg = _resolve(data_cfg)
+    if cfg.mixture:
+        raise ValueError("load_corpus reads one source; data.mixture is set (use mixture_components)")
+    corpus = sources.load_corpus(cfg, split)
+    if corpus.header is not None:
+        tok = tok or load_tokenizer(cfg)
+        sources.check_tokenizer(corpus.header, tok, cfg.source)
+        corpus.reader.set_decoder(tok.decode)
+    return corpus
 
 
 # ----------------------------------------------------------------------------------------------
@@ -272,6 +203,23 @@ def _check_processes(global_batch_size: int, process_index: int, process_count: 
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
 
 
+class MixedDocuments:
+    """The `Documents` of several sources behind one id space: source i's document d is
+    `offsets[i] + d` (so one `ChunkIndex` and `assemble_rows` serve a mixture)."""
+
+    def __init__(self, parts: list[Documents]):
+        self.parts = parts
+        self.offsets = np.cumsum([0] + [len(p.corpus) for p in parts])  # [s + 1]
+
+    def __call__(self, d: int) -> np.ndarray:
+        i = int(np.searchsorted(self.offsets, d, side="right")) - 1
+        return self.parts[i](int(d) - int(self.offsets[i]))
+
+    @property
+    def reads(self) -> int:
+        return sum(p.reads for p in self.parts)
+
+
 def _pipeline(
     data_cfg,
     split: str,
@@ -283,18 +231,40 @@ def _pipeline(
     allgather: Optional[Callable] = None,
 ):
     tok = load_tokenizer(data_cfg)
-    docs = Documents(load_corpus(data_cfg, split), tok)
-    index = chunk_index(
-        docs.lengths(process_index=process_index, process_count=process_count, allgather=allgather), data_cfg.seq_len
-    )
-    # One seeded permutation of all chunks per epoch (grain's index shuffle: resumable from the
-    # position alone). Eval is shuffled too, with the same fixed seed, so a few eval batches sample
-    # many validation documents rather than the first ones in path order.
-    ds = grain.MapDataset.range(len(index))
-    if data_cfg.shuffle:
-        ds = ds.shuffle(seed=data_cfg.seed)
-    if train:
-        ds = ds.repeat()
+    parts = []  # (Documents, ChunkIndex, weight) per source
+    for cfg, weight in mixture_components(data_cfg):
+        docs = Documents(load_corpus(cfg, split, tok), tok)
+        lengths = docs.lengths(process_index=process_index, process_count=process_count, allgather=allgather)
+        parts.append((docs, chunk_index(lengths, data_cfg.seq_len), weight))
+
+    # One seeded permutation of each source's chunks per epoch (grain's index shuffle: resumable
+    # from the position alone). Eval is shuffled too, with the same fixed seed, so a few eval
+    # batches sample many validation documents rather than the first ones in path order.
+    def chunk_stream(n: int, seed: int):
+        ds = grain.MapDataset.range(n)
+        if data_cfg.shuffle:
+            ds = ds.shuffle(seed=seed)
+        return ds.repeat() if train else ds
+
+    if not data_cfg.mixture:
+        ((docs, index, _),) = parts
+        ds = chunk_stream(len(index), data_cfg.seed)
+    else:
+        # Chunk and document ids of source i are offset past those of sources < i; grain's `mix`
+        # interleaves the sources' streams deterministically in the proportions of the weights
+        # (a finite eval mixture ends when a source runs out).
+        docs = MixedDocuments([p[0] for p in parts])
+        index = ChunkIndex(
+            np.concatenate([ix.doc + off for (_, ix, _), off in zip(parts, docs.offsets)]),
+            np.concatenate([ix.start for _, ix, _ in parts]),
+            np.concatenate([ix.length for _, ix, _ in parts]),
+        )
+        first = np.cumsum([0] + [len(ix) for _, ix, _ in parts])
+        streams = [
+            chunk_stream(len(ix), data_cfg.seed + i).map(lambda c, o=int(first[i]): c + o)
+            for i, (_, ix, _) in enumerate(parts)
+        ]
+        ds = grain.MapDataset.mix(streams, [w for _, _, w in parts])
     # Packing needs only each chunk's length: a placeholder of that length holding the chunk id.
     ds = ds.map(lambda c: {"chunk": np.full(int(index.length[c]), c, np.int32)})
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=0))
@@ -304,14 +274,28 @@ def _pipeline(
     )
     it = it.batch(rows, drop_remainder=train)
     rows_of = dict(index=index, docs=docs, tok=tok, rows=rows, process_index=process_index, process_count=process_count)
-    return it.map(lambda b: assemble_rows(b, **rows_of)), index, docs
+    num_docs = sum(len(p[0].corpus) for p in parts)
+    return it.map(lambda b: assemble_rows(b, **rows_of)), index, docs, num_docs
 
 
 def _fingerprint(data_cfg, global_batch_size: int, num_docs: int, num_chunks: int) -> dict:
     """What fixes the global row stream, checked on `set_state`; `num_docs` and `num_chunks` catch a
-    corpus that changed under the same glob (or a different Python's stdlib)."""
-    keys = ("source", "format", "jsonl_field", "tokenizer", "seq_len", "val_percent", "seed", "shuffle")
+    corpus that changed under the same glob (or a different Python's stdlib). A state saved before
+    a key existed is checked on the keys it has."""
+    keys = ("tokenizer", "seq_len", "val_percent", "seed", "shuffle")
+    if data_cfg.mixture:
+        source = {
+            "mixture": [
+                {k: c[k] for k in _ENTRY_FIELDS if k != "weight"} | {"weight": w}
+                for c, w in mixture_components(data_cfg)
+            ]
+        }
+    else:
+        source = {k: data_cfg[k] for k in ("source", "format", "jsonl_field")}
+        if data_cfg.format in ("parquet", "hf_disk"):
+            source["text_column"] = data_cfg.text_column
     return {
+        **source,
         **{k: data_cfg[k] for k in keys},
         "global_batch_size": global_batch_size,
         "num_docs": num_docs,
@@ -371,7 +355,7 @@ def make_train_iterator(
     """
     _check_processes(global_batch_size, process_index, process_count)
     data_cfg = _resolve(data_cfg)
-    ds, index, docs = _pipeline(
+    ds, index, docs, num_docs = _pipeline(
         data_cfg,
         "train",
         rows=global_batch_size,
@@ -380,7 +364,7 @@ def make_train_iterator(
         process_count=process_count,
         allgather=allgather,
     )
-    return TrainIterator(ds, _fingerprint(data_cfg, global_batch_size, len(docs.corpus), len(index)), docs)
+    return TrainIterator(ds, _fingerprint(data_cfg, global_batch_size, num_docs, len(index)), docs)
 
 
 def make_eval_batches(
@@ -400,7 +384,7 @@ def make_eval_batches(
     (loss_mask 0), so every batch has the full shape.
     """
     _check_processes(batch_size, process_index, process_count)
-    ds, _, _ = _pipeline(
+    ds, _, _, _ = _pipeline(
         _resolve(data_cfg),
         "validation",
         rows=batch_size,
@@ -414,12 +398,17 @@ def make_eval_batches(
 
 def unigram_bits_per_byte(data_cfg) -> float:
     """Entropy (bits) of the validation split's byte unigram distribution: the bits/byte of the
-    best context-free byte model, a floor any trained model should beat."""
-    corpus = load_corpus(data_cfg, "validation")
-    counts = np.zeros(256, np.int64)
-    for i in range(len(corpus)):
-        counts += np.bincount(np.frombuffer(corpus[i].encode("utf-8"), np.uint8), minlength=256)
-    p = counts[counts > 0] / counts.sum()
+    best context-free byte model, a floor any trained model should beat. For a mixture, of the
+    sources' byte distributions mixed by their weights. A pre-tokenized source's text is its
+    tokens decoded."""
+    dist = np.zeros(256)
+    for cfg, weight in mixture_components(data_cfg):
+        corpus = load_corpus(cfg, "validation")
+        counts = np.zeros(256, np.int64)
+        for i in range(len(corpus)):
+            counts += np.bincount(np.frombuffer(corpus[i].encode("utf-8"), np.uint8), minlength=256)
+        dist += weight * counts / max(counts.sum(), 1)
+    p = dist[dist > 0] / dist.sum()
     return float(-(p * np.log2(p)).sum())
 
 

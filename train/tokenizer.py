@@ -11,6 +11,7 @@ Both expose the same interface (`Tokenizer`):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -25,6 +26,7 @@ class Tokenizer(Protocol):
     pad_id: int
     bos_id: int
     eos_id: int
+    fingerprint: str  # identifies the vocabulary and special ids (checked by pre-tokenized sources)
 
     def encode(self, text: str) -> np.ndarray: ...
 
@@ -40,6 +42,7 @@ class ByteTokenizer:
     bos_id = 257
     eos_id = 258
     vocab_size = 259
+    fingerprint = "byte"
 
     def __init__(self):
         self._bytes_table = np.zeros(self.vocab_size, np.int32)
@@ -87,27 +90,35 @@ def _decoder_types(decoder: dict | None) -> set[str]:
 class HFTokenizer:
     """A Hugging Face `tokenizers` tokenizer.json behind the `Tokenizer` interface.
 
-    BOS/EOS/PAD are looked up among common spellings (`_BOS_NAMES` ...); any that the file lacks get
-    fresh ids appended after its vocabulary, so `vocab_size` may exceed the file's own size.
-    `encode` never adds the file's post-processor specials (the pipeline adds BOS/EOS itself) and
-    encodes a special token's spelling found in the text as plain text.
+    Given a model directory, BOS/EOS/PAD are the `bos_token` / `eos_token` / `pad_token` of its
+    tokenizer_config.json, overridden by its special_tokens_map.json (transformers' order); a role
+    they leave unset (or null) gets a fresh id. Given a bare tokenizer.json (or a directory with
+    neither file), they are looked up among common spellings (`_BOS_NAMES` ...). Fresh ids are appended after the vocabulary, so
+    `vocab_size` may exceed the file's own size. `encode` never adds the file's post-processor
+    specials (the pipeline adds BOS/EOS itself) and encodes a special token's spelling found in the
+    text as plain text. `fingerprint` hashes the vocabulary file and the special ids.
     """
 
     def __init__(self, path: str):
         import tokenizers  # local: only needed for this tokenizer
 
         p = epath.Path(path)
-        if p.is_dir() and (p / "tokenizer.json").is_file():
-            p = p / "tokenizer.json"  # a Hugging Face model directory
+        directory = None
+        if p.is_dir():
+            if not (p / "tokenizer.json").is_file():
+                raise ValueError(f"data.tokenizer: directory {path!r} has no tokenizer.json")
+            directory, p = p, p / "tokenizer.json"
         if not p.is_file():
             raise ValueError(f"data.tokenizer: {path!r} is neither 'byte' nor an existing tokenizer.json file")
         try:
-            self._tok = tokenizers.Tokenizer.from_str(p.read_text())
+            text = p.read_text()
+            self._tok = tokenizers.Tokenizer.from_str(text)
         except Exception as e:  # noqa: BLE001 -- tokenizers raises a bare Exception for a malformed file
             raise ValueError(
                 f"data.tokenizer: cannot read {str(p)!r} as a Hugging Face tokenizer.json "
                 f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
             ) from None
+        self.directory = None if directory is None else str(directory)
         # Text that spells a special token ("<s>" in a source file) is encoded as plain text.
         self._tok.encode_special_tokens = True
         base = self._tok.get_vocab_size(with_added_tokens=True)
@@ -115,19 +126,29 @@ class HFTokenizer:
         base = max(base, max(vocab.values(), default=-1) + 1)
         self._base = base
         next_id = base
+        named = _named_special_tokens(directory) if directory is not None else None
 
-        def find(names):
+        def find(role, names):
             nonlocal next_id
+            if named is not None:  # a model directory: its files say, nothing is guessed
+                token, where = named.get(role, (None, None))
+                if token is not None and token not in vocab:
+                    raise ValueError(
+                        f"data.tokenizer: {where} sets {role}={token!r}, which tokenizer.json does not have"
+                    )
+                names = () if token is None else (token,)
             for name in names:
                 if name in vocab:
                     return vocab[name]
             next_id += 1
             return next_id - 1
 
-        self.bos_id = find(_BOS_NAMES)
-        self.eos_id = find(_EOS_NAMES)
-        self.pad_id = find(_PAD_NAMES)
+        self.bos_id = find("bos_token", _BOS_NAMES)
+        self.eos_id = find("eos_token", _EOS_NAMES)
+        self.pad_id = find("pad_token", _PAD_NAMES)
         self.vocab_size = next_id
+        specials = json.dumps([self.bos_id, self.eos_id, self.pad_id, self.vocab_size])
+        self.fingerprint = hashlib.sha256((text + specials).encode()).hexdigest()[:16]
         self._bytes_table = self._build_bytes_table(json.loads(self._tok.to_str()).get("decoder"))
 
     def _build_bytes_table(self, decoder: dict | None) -> np.ndarray:
@@ -163,8 +184,33 @@ class HFTokenizer:
         return self._bytes_table[np.asarray(ids)]
 
 
+def _named_special_tokens(directory: epath.Path) -> dict[str, tuple] | None:
+    """{role: (token or None, file that set it)} from tokenizer_config.json, then special_tokens_map.json
+    on top; None when the directory has neither. A value is a string, or an AddedToken dict with its
+    "content"."""
+    named = None
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        f = directory / name
+        if not f.is_file():
+            continue
+        try:
+            cfg = json.loads(f.read_text())
+        except ValueError as e:
+            raise ValueError(f"data.tokenizer: {f} is not valid JSON ({e})") from None
+        named = named or {}
+        for role in ("bos_token", "eos_token", "pad_token"):
+            if role in cfg:
+                v = cfg[role]
+                token = v.get("content") if isinstance(v, dict) else v
+                if token is not None and not isinstance(token, str):
+                    raise ValueError(f"data.tokenizer: {f} sets {role} to {v!r}, not a token string")
+                named[role] = (token, name)
+    return named
+
+
 def load_tokenizer(data_cfg) -> Tokenizer:
-    """`data_cfg.tokenizer`: "byte", or a Hugging Face tokenizer.json (or a directory holding one)."""
+    """`data_cfg.tokenizer`: "byte", a Hugging Face tokenizer.json, or a model directory holding one
+    (with tokenizer_config.json / special_tokens_map.json naming BOS/EOS/PAD)."""
     if data_cfg.tokenizer == "byte":
         return ByteTokenizer()
     path = data_cfg.tokenizer

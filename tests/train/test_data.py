@@ -136,22 +136,28 @@ def test_small_corpus_gets_both_splits(tmp_path):
     assert len(data.load_corpus(cfg, "train")) == 1 and len(data.load_corpus(cfg, "validation")) == 1
 
 
-@pytest.mark.parametrize("n_before", [0, 1, 7, 23])
-def test_resume_is_bitwise(tmp_path, n_before):
-    glob_, _ = _write_text_corpus(tmp_path)
-    cfg = _cfg(source=glob_, seq_len=16, val_percent=20)
-    it = data.make_train_iterator(cfg, global_batch_size=4)
+def assert_resumes_bitwise(cfg, batch_size, n_before, n_after):
+    """A state saved after `n_before` batches (through JSON, as a checkpoint stores it) restored in a
+    fresh iterator gives bitwise the next `n_after` batches; returns (state, those batches)."""
+    it = data.make_train_iterator(cfg, global_batch_size=batch_size)
     for _ in range(n_before):
         next(it)
     state = json.loads(json.dumps(it.get_state()))
-    expected = [next(it) for _ in range(20)]  # runs through several epochs
-    resumed = data.make_train_iterator(cfg, global_batch_size=4)
+    expected = [next(it) for _ in range(n_after)]
+    resumed = data.make_train_iterator(cfg, global_batch_size=batch_size)
     resumed.set_state(state)
     for want in expected:
         got = next(resumed)
         for k in want:
             assert got[k].dtype == want[k].dtype
             np.testing.assert_array_equal(got[k], want[k])
+    return state, expected
+
+
+@pytest.mark.parametrize("n_before", [0, 1, 7, 23])
+def test_resume_is_bitwise(tmp_path, n_before):
+    glob_, _ = _write_text_corpus(tmp_path)
+    assert_resumes_bitwise(_cfg(source=glob_, seq_len=16, val_percent=20), 4, n_before, 20)  # several epochs
 
 
 def _numbered_corpus(tmp_path, n_docs, repeats):
