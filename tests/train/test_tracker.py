@@ -105,3 +105,43 @@ def test_expert_load_every_n_steps_and_at_the_last(tmp_path):
     assert all("maxvio" in l and "loss" in l for l in lines)
     with pytest.raises(ValueError, match="log_expert_load_every"):
         metrics_lib.MetricWriter(tmp_path, total_steps=8, per_layer_every=0)
+
+
+def test_trainer_profiles_the_steps_and_thins_expert_load(tmp_path):
+    """train.profile_steps writes a jax.profiler trace; train.log_expert_load_every and train.tracker
+    reach the writer from the config."""
+    from tests.train.test_trainer import tiny
+    from train.trainer import train_and_evaluate
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        (corpus / f"doc{i}.txt").write_text(" ".join(rng.choice(["alpha", "beta", "moe", "expert"], 120)) + "\n")
+    config = tiny(
+        str(corpus / "*.txt"),
+        steps=3,
+        checkpoint_every=3,
+        async_checkpoint=False,
+        profile_steps="1:2",
+        log_expert_load_every=2,
+        tracker="tensorboard",
+    )
+    workdir = tmp_path / "run"
+    train_and_evaluate(config, str(workdir))
+    traces = list((workdir / "profile" / "plugins" / "profile").glob("*/*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0
+    assert list(traces[0].parent.glob("perfetto_trace.json.gz"))  # for ui.perfetto.dev
+    lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines if "expert_load" in l] == [2, 3]  # every 2nd step and the last
+    assert [l["step"] for l in lines if "maxvio" in l] == [1, 2, 3]
+    assert list((workdir / "tb").glob("events.out.tfevents.*"))
+
+
+def test_bad_profile_steps_are_refused():
+    from train.profiler import parse_steps
+
+    assert parse_steps(None) is None and parse_steps("10:15") == (10, 15)
+    for bad in ("10", "15:10", "a:b", "-1:3"):
+        with pytest.raises(ValueError, match="train.profile_steps="):
+            parse_steps(bad)
