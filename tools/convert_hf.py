@@ -23,7 +23,8 @@ bos/eos/pad ids), ``generation_config.json``, the safetensors shards, and the to
 (``byte`` or a tokenizer.json; ``none`` writes none). Every file is world-readable (0644). The MTP
 modules are written as ``model.layers.{N + k}.*`` (DeepSeek's layout, so the export keeps
 everything the model has); transformers' ``DeepseekV3ForCausalLM`` has no MTP module and reports
-those weights as unexpected when it loads the directory. It refuses a non-empty ``--out`` (stale
+those weights as unexpected when it loads the directory (it silences only ``model.layers.61.*``,
+the 671B checkpoint's). It refuses a non-empty ``--out`` (stale
 shards would mix with the new ones) and writes into a temporary sibling that is renamed to
 ``--out`` when complete. Checkpoints are opened read-only: reading a live training workdir changes
 nothing in it.

@@ -127,6 +127,7 @@ def test_trainer_profiles_the_steps_and_thins_expert_load(tmp_path):
         log_expert_load_every=2,
         tracker="tensorboard",
     )
+    config.model.mtp_depth = 0  # compile time
     workdir = tmp_path / "run"
     train_and_evaluate(config, str(workdir))
     traces = list((workdir / "profile" / "plugins" / "profile").glob("*/*.xplane.pb"))
