@@ -121,3 +121,14 @@ def test_step_that_is_not_a_checkpoint_is_one_line(checkpoint, tmp_path):
     with pytest.raises(SystemExit, match=r"^error: .*no committed checkpoint of step 5 \(have \[1, 2\]\)$"):
         convert_hf.main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "hf"), "--step", "5"])
     assert not (tmp_path / "hf").exists()
+
+
+def test_generate_step_selects_the_checkpoint(monkeypatch):
+    from tools import generate
+
+    def load(path, step=None):
+        raise SystemExit(f"load_model({path}, step={step})")
+
+    monkeypatch.setattr(convert_hf, "load_model", load)
+    with pytest.raises(SystemExit, match=r"^load_model\(ckpt, step=7\)$"):
+        generate.main(["--ckpt", "ckpt", "--prompt", "x", "--step", "7"])
