@@ -75,12 +75,15 @@ def _wandb_records(path: Path):
 
 
 def test_wandb_offline_receives_the_jsonl_scalars(tmp_path, monkeypatch):
-    pytest.importorskip("wandb")  # an optional dependency: pip install wandb
+    wandb = pytest.importorskip("wandb")  # an optional dependency: pip install wandb
     from wandb.proto import wandb_internal_pb2
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     _write_run(tmp_path, tracker="wandb")
+    # wandb's service may still be writing the run file after run.finish(); it is complete once the
+    # service is torn down (at interpreter exit, for a trainer process).
+    wandb.teardown()
     (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
     got = []
     for data in _wandb_records(run_file):
