@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import textwrap
 
 _TARGETS = re.compile(r"^\s*((?:[A-Za-z_][\w.]*\s*=(?!=)\s*)+)")  # `t.steps = 1000`, `m = c.mesh = ...`
 _FIELD = re.compile(r"^\s*(\w+)\s*:\s*[^=]+=[^#]*(?:#\s*(.*))?$")  # `d_model: int = 128  # d (hidden_size)`
@@ -83,24 +84,19 @@ def field_comments() -> dict[str, str]:
 def format_config(config, comments: dict[str, str] | None = None, width: int = 100) -> str:
     """Every leaf as ``section.field = value`` (``--config.<...>`` takes the same spelling), with its
     comment above it; one blank line between sections."""
-    import textwrap
-
     comments = field_comments() if comments is None else comments
     lines = []
 
     def walk(node, prefix):
         for key in node.keys():
             value, path = node[key], f"{prefix}{key}"
+            if hasattr(value, "keys") and not prefix:
+                lines.append("")  # a blank line before each section
+            lines.extend(textwrap.wrap(comments.get(path, ""), width, initial_indent="# ", subsequent_indent="# "))
             if hasattr(value, "keys"):
-                if not prefix:
-                    lines.append("")
-                if comments.get(path):
-                    lines.extend(textwrap.wrap(comments[path], width, initial_indent="# ", subsequent_indent="# "))
                 walk(value, path + ".")
-                continue
-            if comments.get(path):
-                lines.extend(textwrap.wrap(comments[path], width, initial_indent="# ", subsequent_indent="# "))
-            lines.append(f"{path} = {value!r}")
+            else:
+                lines.append(f"{path} = {value!r}")
 
     walk(config, "")
     return "\n".join(lines).strip() + "\n"
