@@ -4,7 +4,7 @@
     python -m tools.plot --workdir=runs/a --workdir=runs/b [--label=lr3e-3 --label=lr1e-3] --out=DIR
 
 ``loss.png``: six panels against the step: train loss (exponentially smoothed, the raw curve faint;
-main and MTP losses dashed for one run) with the eval loss as markers; eval bits per byte with the
+main and MTP losses dashed for one run, the main loss alone when overlaid) with the eval loss as markers; eval bits per byte with the
 unigram baseline (``summary.json``'s ``unigram_bits_per_byte``, dotted); learning rate; gradient
 norm (smoothed over faint raw, log scale); the sequence-wise balance loss; MaxVio (max over MoE
 layers, and their mean dashed). Several ``--workdir`` overlay their runs, one colour per run.
@@ -25,6 +25,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 import sys
 from typing import Iterator
 
@@ -124,7 +125,9 @@ def plot_losses(runs: list[tuple[str, list[dict], dict]], out: epath.Path, *, sm
     single = len(runs) == 1
     for i, (label, rows, summary) in enumerate(runs):
         c = f"C{i}"
-        _curve(ax_loss, _series(rows, "loss"), c, "train loss" if single else f"{label}: train", smooth_weight)
+        # overlaid runs: the main loss, the one the eval loss measures (no MTP or balance terms)
+        key = "loss" if single or _series(rows, "main_loss") is None else "main_loss"
+        _curve(ax_loss, _series(rows, key), c, "train loss" if single else f"{label}: train {key}", smooth_weight)
         if single:
             _curve(ax_loss, _series(rows, "main_loss"), "C1", "main loss", smooth_weight, "--", raw=False)
             _curve(ax_loss, _series(rows, "mtp_loss"), "C2", "MTP loss", smooth_weight, "--", raw=False)
@@ -249,7 +252,7 @@ def plot_runs(workdirs, out=None, labels=None, *, smooth_weight: float = 0.9, lo
     out.mkdir(parents=True, exist_ok=True)
     paths = [plot_losses([r[:3] for r in runs], out, smooth_weight=smooth_weight, logy=logy)]
     for label, rows, _, config in runs:
-        name = "expert_load.png" if len(runs) == 1 else f"expert_load-{label}.png"
+        name = "expert_load.png" if len(runs) == 1 else f"expert_load-{re.sub(r'[^A-Za-z0-9_.-]+', '_', label)}.png"
         p = plot_expert_load(rows, out / name, config.get("model"), title=label)
         if p is None:
             print(f"no expert_load in {label}'s metrics.jsonl; {name} not drawn", file=sys.stderr)
