@@ -114,8 +114,16 @@ def build(preset: str) -> ml_collections.ConfigDict:
     # Peak FLOP/s of one device for MFU; unset = the datasheet peak of the device kind and compute
     # dtype (train/peak.py), or on CPU a matmul measured at start (the run logs which).
     t.peak_flops = config_dict.placeholder(float)
-    # Write TensorBoard event files besides metrics.jsonl.
-    t.tensorboard = True
+    # Experiment tracker fed the scalars of metrics.jsonl (train/tracker.py): "none" | "tensorboard"
+    # (event files in <workdir>/tb) | "wandb" (honours WANDB_MODE=offline), or several joined by commas.
+    t.tracker = "none"
+    # wandb project of the run (the WANDB_PROJECT environment variable overrides it).
+    t.wandb_project = "latentmoe"
+    # Write the per-layer, per-expert loads (expert_load) into metrics.jsonl every this many steps
+    # (and at the last); maxvio per layer stays on every line. DeepSeek-V3: ~250 KB a line.
+    t.log_expert_load_every = 10
+    # Steps "A:B" to trace with jax.profiler into <workdir>/profile (steps A+1..B; e.g. "10:15"), or unset.
+    t.profile_steps = config_dict.placeholder(str)
     # Show a progress bar on the console.
     t.progress = True
     return c

@@ -33,7 +33,7 @@ def main(argv):
         config.train.eval_batches = 1
         config.train.checkpoint_every = 10**9
         config.train.async_checkpoint = False
-        config.train.tensorboard = False
+        config.train.tracker = "none"
         config.train.progress = False
         config.optimizer.warmup_steps = min(config.optimizer.warmup_steps, _STEPS.value)
     with tempfile.TemporaryDirectory() as workdir:

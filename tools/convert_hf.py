@@ -1,7 +1,7 @@
 """Hugging Face DeepSeek checkpoints <-> our checkpoints.
 
   python -m tools.convert_hf import --hf-dir DIR --out CKPT [--dtype auto] [--scan_layers]
-  python -m tools.convert_hf export --ckpt CKPT_OR_WORKDIR --out DIR [--max-shard-gb 4]
+  python -m tools.convert_hf export --ckpt CKPT_OR_WORKDIR --out DIR [--step N] [--tokenizer T] [--max-shard-gb 4]
 
 ``import`` writes a weights-only checkpoint with ``train.checkpoint.Checkpointer``: step 0, state
 ``{"params", "rest"}`` (``nnx.split(model, nnx.Param, ...)``, as ``train/state.py``), meta
@@ -16,17 +16,25 @@ that, but only for a run whose ``config.model`` equals the checkpoint's. So ``im
       --config.data.tokenizer=DIR/tokenizer.json --config.train.steps=100
 
 ``export`` reads a weights-only checkpoint or a training workdir (its newest checkpoint under
-``<workdir>/checkpoints``) and writes a directory transformers' ``DeepseekV3ForCausalLM``
-loads (MTP modules included as ``model.layers.{N + k}.*``, which transformers ignores). It
-refuses a non-empty ``--out`` (stale shards would mix with the new ones) and writes into a
-temporary sibling that is renamed to ``--out`` when complete. Checkpoints are opened read-only:
-reading a live training workdir changes nothing in it.
+``<workdir>/checkpoints``, or ``--step``'s) and writes a directory that transformers'
+``AutoTokenizer`` and ``AutoModelForCausalLM`` load as is: ``config.json`` (with the run's
+bos/eos/pad ids), ``generation_config.json``, the safetensors shards, and the tokenizer files
+(``tools/hf_tokenizer.py``) of the run's ``data.tokenizer`` (a workdir) or of ``--tokenizer``
+(``byte`` or a tokenizer.json; ``none`` writes none). Every file is world-readable (0644). The MTP
+modules are written as ``model.layers.{N + k}.*`` (DeepSeek's layout, so the export keeps
+everything the model has); transformers' ``DeepseekV3ForCausalLM`` has no MTP module and reports
+those weights as unexpected when it loads the directory (it silences only ``model.layers.61.*``,
+the 671B checkpoint's). It refuses a non-empty ``--out`` (stale
+shards would mix with the new ones) and writes into a temporary sibling that is renamed to
+``--out`` when complete. Checkpoints are opened read-only: reading a live training workdir changes
+nothing in it.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import pprint
 import shutil
@@ -80,13 +88,29 @@ def _abstract_weights(cfg: ModelConfig):
     return out["graphdef"], shapes
 
 
-def load_model(path: str) -> Transformer:
-    """A weights-only checkpoint (``import``'s output) or a training workdir's newest checkpoint."""
+def run_tokenizer(path: str) -> str:
+    """The ``data.tokenizer`` of the run in workdir ``path`` ("byte" for a weights-only checkpoint)."""
+    from etils import epath
+
+    config = epath.Path(path) / "config.json"  # written by the trainer into its workdir (local or gs://)
+    if (epath.Path(path) / "checkpoints").is_dir() and config.exists():
+        return json.loads(config.read_text()).get("data", {}).get("tokenizer", "byte")
+    return "byte"
+
+
+def load_model(path: str, step: int | None = None) -> Transformer:
+    """A weights-only checkpoint (``import``'s output) or a training workdir's newest checkpoint
+    (``step``: that one)."""
     p = Path(path)
     workdir = (p / "checkpoints").is_dir()
     ckpt = Checkpointer(p / "checkpoints" if workdir else p, save_every=1, async_save=False, read_only=True)
     try:
-        step = ckpt.latest_step()
+        if step is None:
+            step = ckpt.latest_step()
+        elif step not in ckpt.committed_steps():
+            raise FileNotFoundError(
+                f"{ckpt.directory}: no committed checkpoint of step {step} (have {ckpt.committed_steps()})"
+            )
         if step is None:
             raise FileNotFoundError(f"{ckpt.directory}: no committed checkpoint")
         meta = ckpt.read_meta(step)
@@ -101,9 +125,10 @@ def load_model(path: str) -> Transformer:
             )
         else:
             graphdef, abstract = _abstract_weights(cfg)
-        _, state, _, _ = ckpt.restore(abstract, expected_model=meta["model"])
+        _, state, _, _ = ckpt.restore(abstract, expected_model=meta["model"], only_step=step)
     finally:
         ckpt.close()
+    state = jax.device_put(state)  # orbax hands a weights-only checkpoint back as numpy arrays
     return nnx.merge(graphdef, state["params"], state["rest"])
 
 
@@ -142,17 +167,35 @@ def import_hf(hf_dir: str, out: str, *, dtype: str = "auto", preset: str = "moe_
     return cfg
 
 
-def export_hf(ckpt: str, out: str, *, max_shard_bytes: int = 4 << 30) -> list[str]:
+def export_hf(
+    ckpt: str, out: str, *, step: int | None = None, tokenizer: str | None = None, max_shard_bytes: int = 4 << 30
+) -> list[str]:
+    """Writes the Hugging Face directory ``out`` (module docstring); returns the safetensors file names.
+    ``tokenizer``: ``data.tokenizer``'s vocabulary ("byte", a tokenizer.json), "none", or None = the run's."""
     out = Path(out).absolute()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(
             f"--out {out} exists and is not an empty directory; export writes a fresh "
             f"one (stale shards would mix with the new): remove it or choose another"
         )
-    model = load_model(ckpt)
+    tokenizer = run_tokenizer(ckpt) if tokenizer is None else tokenizer
+    model = load_model(ckpt, step)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:
-        files = hf.save_pretrained(model, str(tmp), max_shard_bytes=max_shard_bytes)
+        tmp.mkdir()
+        special = {}
+        if tokenizer != "none":
+            from tools.hf_tokenizer import write_tokenizer
+
+            special = write_tokenizer(tokenizer, str(tmp), model_max_length=model.cfg.max_seq_len)
+            if max(special.values()) >= model.cfg.vocab_size:
+                raise ValueError(f"tokenizer {tokenizer!r} has ids {special} beyond the model's {model.cfg.vocab_size}")
+        files = hf.save_pretrained(model, str(tmp), max_shard_bytes=max_shard_bytes, extra_config=special)
+        with open(tmp / "generation_config.json", "w") as fh:
+            json.dump(special, fh, indent=2)  # greedy by default; bos/eos/pad as the run used them
+        for f in tmp.iterdir():
+            f.chmod(0o644)  # world-readable, whatever the umask: the directory is for others to load
+        tmp.chmod(0o755)
         if out.exists():
             out.rmdir()  # empty (checked above); fails rather than clobber if something appeared since
         tmp.rename(out)
@@ -195,6 +238,13 @@ def main(argv=None):
     ex = sub.add_parser("export", help="checkpoint or training workdir -> Hugging Face dir")
     ex.add_argument("--ckpt", required=True)
     ex.add_argument("--out", required=True)
+    ex.add_argument("--step", type=int, default=None, help="the checkpoint of this step (default: the newest)")
+    ex.add_argument(
+        "--tokenizer",
+        default=None,
+        help="byte | tokenizer.json (or its directory) | none (default: the run's data.tokenizer; byte for a "
+        "weights-only checkpoint)",
+    )
     ex.add_argument("--max-shard-gb", type=float, default=4.0)
     args = ap.parse_args(argv)
     if args.cmd == "import":
@@ -214,10 +264,16 @@ def main(argv=None):
         )
     else:
         try:
-            files = export_hf(args.ckpt, args.out, max_shard_bytes=int(args.max_shard_gb * (1 << 30)))
-        except (FileExistsError, FileNotFoundError) as e:
+            files = export_hf(
+                args.ckpt,
+                args.out,
+                step=args.step,
+                tokenizer=args.tokenizer,
+                max_shard_bytes=int(args.max_shard_gb * (1 << 30)),
+            )
+        except (FileExistsError, FileNotFoundError, ValueError) as e:
             raise SystemExit(f"error: {e}") from None
-        print(f"wrote {args.out}: config.json + {len(files)} safetensors file(s)")
+        print(f"wrote {args.out}: {', '.join(sorted(os.listdir(args.out)))} ({len(files)} safetensors file(s))")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@
   python -m tools.generate --ckpt CKPT --input requests.jsonl --output results.jsonl [--batch_size 16]
 
 CKPT: a weights-only checkpoint (``tools.convert_hf import``) or a training workdir (its newest
-checkpoint under ``<workdir>/checkpoints``; the tokenizer then defaults to the run's
+checkpoint under ``<workdir>/checkpoints``, or ``--step N``'s; the tokenizer then defaults to the run's
 ``data.tokenizer``). Prompts are encoded as [BOS] + text, as the training data pipeline does;
 generation stops at EOS (``--no-stop`` to disable) or after max_new_tokens. ``--speculative``
 drafts with the model's MTP module (same greedy output, same sampling distribution; the
@@ -29,16 +29,8 @@ import sys
 from pathlib import Path
 
 import ml_collections
-from etils import epath
 
 _REQUEST_KEYS = {"prompt", "max_new_tokens", "temperature", "top_k", "top_p", "id"}
-
-
-def _run_tokenizer(ckpt: str) -> str:
-    meta_config = epath.Path(ckpt) / "config.json"  # written by the trainer into its workdir (local or gs://)
-    if (epath.Path(ckpt) / "checkpoints").is_dir() and meta_config.exists():
-        return json.loads(meta_config.read_text()).get("data", {}).get("tokenizer", "byte")
-    return "byte"
 
 
 def read_requests(path: str, defaults: dict) -> list[dict]:
@@ -68,6 +60,7 @@ def read_requests(path: str, defaults: dict) -> list[dict]:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", required=True)
+    ap.add_argument("--step", type=int, default=None, help="the checkpoint of this step (default: the newest)")
     ap.add_argument("--prompt", action="append", help="repeat for a batch")
     ap.add_argument("--input", help="JSONL requests (instead of --prompt)")
     ap.add_argument("--output", help="JSONL results (default: stdout)")
@@ -97,11 +90,11 @@ def main(argv=None):
     )
 
     from model.generation import generate_details
-    from tools.convert_hf import load_model
+    from tools.convert_hf import load_model, run_tokenizer
     from train.data import load_tokenizer
 
-    tok = load_tokenizer(ml_collections.ConfigDict({"tokenizer": args.tokenizer or _run_tokenizer(args.ckpt)}))
-    model = load_model(args.ckpt)
+    tok = load_tokenizer(ml_collections.ConfigDict({"tokenizer": args.tokenizer or run_tokenizer(args.ckpt)}))
+    model = load_model(args.ckpt, args.step)
     if tok.vocab_size > model.cfg.vocab_size:
         raise ValueError(f"tokenizer has {tok.vocab_size} ids, the model {model.cfg.vocab_size}")
     stops = () if args.no_stop else (tok.eos_id,)

@@ -1,21 +1,33 @@
-"""Plots a run's ``metrics.jsonl``: losses and expert load.
+"""Plots runs' ``metrics.jsonl``: training curves and expert load.
 
-    python -m tools.plot --workdir=runs/tiny [--out=runs/tiny/plots] [--logy]
+    python -m tools.plot --workdir=runs/a [--out=DIR] [--smooth=0.9] [--logy]
+    python -m tools.plot --workdir=runs/a --workdir=runs/b [--label=lr3e-3 --label=lr1e-3] --out=DIR
 
-Writes ``loss.png`` (train loss, main / MTP / balance loss, eval loss vs step) and, when the run
-logged them, ``expert_load.png`` (per MoE layer: experts x steps heatmap of the fraction of
-assignments each expert received, plus a layers x steps MaxVio heatmap). Prints the paths.
+``loss.png``: six panels against the step: train loss (exponentially smoothed, the raw curve faint;
+main and MTP losses dashed for one run, the main loss alone when overlaid) with the eval loss as markers; eval bits per byte with the
+unigram baseline (``summary.json``'s ``unigram_bits_per_byte``, dotted); learning rate; gradient
+norm (smoothed over faint raw, log scale); the sequence-wise balance loss; MaxVio (max over MoE
+layers, and their mean dashed). Several ``--workdir`` overlay their runs, one colour per run.
 
-The workdir may be remote (``gs://...``, through ``etils.epath``). Lines superseded by a resume
-are never drawn (``read_metrics``), so no line runs back in time, also for a ``metrics.jsonl``
-written before the trainer took them out itself.
+``expert_load.png`` (``expert_load-<label>.png`` per run when several): at a fixed size whatever
+the depth (DeepSeek-V3's 58 MoE layers + MTP stay readable), one heatmap of MoE layers x experts:
+each expert's load over the mean load (1 = balanced; a diverging colour scale centred at 1),
+averaged over the last logged steps; beside it, MaxVio as layers x steps. Layers are named by
+their block index (``block 3``, ``MTP 1``) from the run's ``config.json``.
+
+The file is read line by line (``iter_metrics``; per-layer lists become float32 arrays at once),
+never whole. The workdir may be remote (``gs://...``, ``etils.epath``). Lines superseded by a
+resume are never drawn (``drop_superseded``), so no line runs back in time.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
+import re
 import sys
+from typing import Iterator
 
 import matplotlib
 
@@ -24,31 +36,43 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from etils import epath  # noqa: E402
+from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 
 from train.paths import resolve  # noqa: E402
 
-_LOSS_KEYS = ("loss", "main_loss", "mtp_loss", "eval_loss")
+_ARRAYS = ("expert_load", "maxvio")  # per-layer lists, kept as float32 arrays
+_FIXED_SIZE = (15, 8.5)  # inches: expert_load.png, whatever the number of layers
 
 
-def read_metrics(workdir) -> list[dict]:
-    """Parses ``<workdir>/metrics.jsonl``; skips a torn last line of a killed run and drops superseded lines."""
+def iter_metrics(workdir) -> Iterator[dict]:
+    """The lines of ``<workdir>/metrics.jsonl`` one at a time, per-layer lists as float32 arrays
+    (NaN for null); a torn line (a killed run's last) is skipped with a warning."""
     path = resolve(workdir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} does not exist: is --workdir the run's workdir (the one holding metrics.jsonl)?"
         )
-    rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            print(f"warning: {path}:{i} is not valid JSON; skipped", file=sys.stderr)
-    return drop_superseded(rows)
+    with path.open("r") as fh:
+        for i, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                print(f"warning: {path}:{i} is not valid JSON; skipped", file=sys.stderr)
+                continue
+            for k in _ARRAYS:
+                if row.get(k) is not None:
+                    row[k] = np.array(row[k], dtype=np.float32)  # None -> nan
+            yield row
 
 
-def drop_superseded(rows: list[dict]) -> list[dict]:
+def read_metrics(workdir) -> list[dict]:
+    """The lines a reader should draw: ``iter_metrics`` without the superseded ones."""
+    return drop_superseded(iter_metrics(workdir))
+
+
+def drop_superseded(rows) -> list[dict]:
     """The lines a resumed run did not redo. A line for a step at or before one already seen of its
     kind (train or eval), or before the newest step, starts a resume: every earlier line for that
     step or later is dropped. The result's steps never decrease."""
@@ -71,61 +95,133 @@ def _is_eval(row: dict) -> bool:
 
 
 def _series(rows, key):
+    """(steps, values) of ``key`` (NaN for null), or None when no line has it."""
     pts = [(r["step"], np.nan if r[key] is None else r[key]) for r in rows if key in r]
     return (np.array([p[0] for p in pts]), np.array([p[1] for p in pts], float)) if pts else None
 
 
-def plot_losses(rows, out: epath.Path, logy: bool = False) -> epath.Path:
-    fig, (ax, ax_bal) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for key in _LOSS_KEYS:
-        s = _series(rows, key)
-        if s is not None:
-            ax.plot(*s, label=key, marker="o" if key == "eval_loss" else None, lw=1)
-    ax.set(xlabel="step", ylabel="loss", title="losses")
-    bal = _series(rows, "balance_loss")
-    if bal is not None:
-        ax_bal.plot(*bal, color="tab:red", lw=1)
-    ax_bal.set(xlabel="step", title="balance_loss (sequence-wise aux)")
+def smooth(values: np.ndarray, weight: float) -> np.ndarray:
+    """Debiased exponential moving average (TensorBoard's smoothing); NaNs are skipped."""
+    out, avg, norm = np.empty(len(values)), 0.0, 0.0
+    for i, v in enumerate(values):
+        if not math.isnan(v):
+            avg, norm = weight * avg + (1 - weight) * v, weight * norm + (1 - weight)
+        out[i] = avg / norm if norm else np.nan
+    return out
+
+
+def _curve(ax, s, color, label, weight, ls="-", raw=True):
+    if s is None:
+        return
+    if raw:
+        ax.plot(*s, color=color, alpha=0.25, lw=0.8)
+    ax.plot(s[0], smooth(s[1], weight), color=color, ls=ls, lw=1.5, label=label)
+
+
+def plot_losses(runs: list[tuple[str, list[dict], dict]], out: epath.Path, *, smooth_weight=0.9, logy=False):
+    """``runs``: (label, rows, summary) per run."""
+    fig, axes = plt.subplots(2, 3, figsize=(17, 9))
+    ax_loss, ax_bpb, ax_lr, ax_gn, ax_bal, ax_vio = axes.ravel()
+    single = len(runs) == 1
+    for i, (label, rows, summary) in enumerate(runs):
+        c = f"C{i}"
+        # overlaid runs: the main loss, the one the eval loss measures (no MTP or balance terms)
+        key = "loss" if single or _series(rows, "main_loss") is None else "main_loss"
+        _curve(ax_loss, _series(rows, key), c, "train loss" if single else f"{label}: train {key}", smooth_weight)
+        if single:
+            _curve(ax_loss, _series(rows, "main_loss"), "C1", "main loss", smooth_weight, "--", raw=False)
+            _curve(ax_loss, _series(rows, "mtp_loss"), "C2", "MTP loss", smooth_weight, "--", raw=False)
+        ev = _series(rows, "eval_loss")
+        if ev is not None:
+            ax_loss.plot(*ev, "o", color="C3" if single else c, ms=5, label="eval loss" if single else f"{label}: eval")
+        bpb = _series(rows, "eval_bits_per_byte")
+        if bpb is not None:
+            ax_bpb.plot(*bpb, "o-", color=c, ms=4, label="eval" if single else label)
+        if summary.get("unigram_bits_per_byte") is not None:
+            u = summary["unigram_bits_per_byte"]
+            ax_bpb.axhline(
+                u, color=c, ls=":", lw=1.2, label=f"unigram baseline ({u:.2f})" + ("" if single else f" {label}")
+            )
+        lr = _series(rows, "lr")
+        if lr is not None:
+            ax_lr.plot(*lr, color=c, lw=1.5, label=label)
+        _curve(ax_gn, _series(rows, "grad_norm"), c, label, smooth_weight)
+        _curve(ax_bal, _series(rows, "balance_loss"), c, label, smooth_weight)
+        vio = [r for r in rows if r.get("maxvio") is not None]
+        if vio:
+            steps, v = np.array([r["step"] for r in vio]), np.stack([r["maxvio"] for r in vio])  # [steps, layers]
+            ax_vio.plot(steps, np.nanmax(v, 1), color=c, lw=1.2, label="max over layers" if single else label)
+            ax_vio.plot(steps, np.nanmean(v, 1), color=c, lw=1.2, ls="--", label="mean over layers" if single else None)
+    ax_loss.set(xlabel="step", ylabel="loss (nats / token)", title="loss (smoothed; raw faint)")
+    ax_bpb.set(xlabel="step", ylabel="bits per byte", title="eval bits per byte")
+    ax_lr.set(xlabel="step", ylabel="learning rate", title="learning rate")
+    ax_gn.set(xlabel="step", ylabel="global gradient norm", title="gradient norm (before clipping)", yscale="log")
+    ax_bal.set(xlabel="step", ylabel="balance loss (unweighted)", title="sequence-wise balance loss")
+    ax_vio.set(xlabel="step", ylabel="max load / mean load - 1", title="MaxVio over MoE layers")
     if logy:
-        ax.set_yscale("log")
-    if ax.lines:
-        ax.legend()
+        ax_loss.set_yscale("log")
+    for ax in axes.ravel():
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[1] and (single is False or ax in (ax_loss, ax_bpb, ax_vio)):
+            ax.legend(fontsize=8)
+    fig.suptitle(" vs ".join(label for label, _, _ in runs))
     fig.tight_layout()
     return _save(fig, out / "loss.png")
 
 
-def plot_expert_load(rows, out: epath.Path) -> epath.Path | None:
-    rows = [r for r in rows if r.get("expert_load") is not None]
-    if not rows:
+def layer_names(n_rows: int, model: dict | None) -> list[str]:
+    """Names of the rows of ``expert_load``: the MoE blocks by index, then the MTP modules."""
+    if model:
+        first, n_layers, mtp = model.get("first_k_dense", 0), model.get("n_layers", 0), model.get("mtp_depth", 0)
+        if n_layers - first + mtp == n_rows:
+            return [f"block {b}" for b in range(first, n_layers)] + [f"MTP {k + 1}" for k in range(mtp)]
+    return [f"MoE layer {l}" for l in range(n_rows)]
+
+
+def _layer_ticks(ax, names: list[str]):
+    step = max(1, math.ceil(len(names) / 30))  # at most ~30 labels on the fixed height
+    ticks = list(range(0, len(names), step))
+    ax.set_yticks(ticks, [names[t] for t in ticks], fontsize=7 if len(names) > 16 else 9)
+
+
+def plot_expert_load(rows, out_file: epath.Path, model: dict | None = None, title: str = "", last: int = 5):
+    """Layers x experts heatmap (mean of the last ``last`` logged steps) and a layers x steps MaxVio heatmap."""
+    loads = [r for r in rows if r.get("expert_load") is not None]
+    if not loads:
         return None
-    steps = [r["step"] for r in rows]
-    load = np.array([r["expert_load"] for r in rows], float)  # [steps, layers, experts]
-    n_layers = load.shape[1]
-    vio = [r for r in rows if r.get("maxvio") is not None]
-    fig, axes = plt.subplots(n_layers + 1, 1, figsize=(10, 2.2 * (n_layers + 1)), squeeze=False)
-    extent = [steps[0], max(steps[-1], steps[0] + 1), -0.5, load.shape[2] - 0.5]
-    for l in range(n_layers):
-        ax = axes[l, 0]
-        im = ax.imshow(
-            load[:, l, :].T, aspect="auto", origin="lower", extent=extent, cmap="viridis", interpolation="nearest"
-        )
-        ax.set(ylabel="expert", title=f"MoE layer {l}: fraction of assignments")
-        fig.colorbar(im, ax=ax)
-    ax = axes[-1, 0]
+    window = loads[-last:]
+    load = np.mean([r["expert_load"] for r in window], 0)  # [layers, experts], fractions of assignments
+    ratio = load * load.shape[1]  # load / mean load
+    names = layer_names(load.shape[0], model)
+    fig, (ax, ax_vio) = plt.subplots(1, 2, figsize=_FIXED_SIZE, gridspec_kw={"width_ratios": [3, 2]})
+    vmax = max(2.0, float(np.nanmax(ratio)))
+    im = ax.imshow(
+        ratio,
+        aspect="auto",
+        cmap="RdBu_r",
+        norm=TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=vmax),
+        interpolation="nearest",
+    )
+    fig.colorbar(im, ax=ax, label="expert load / mean load (1 = balanced)")
+    steps = f"step {window[0]['step']}" + (f"-{window[-1]['step']}" if len(window) > 1 else "")
+    ax.set(
+        xlabel="routed expert", ylabel="MoE layer", title=f"expert load, mean over {len(window)} logged steps ({steps})"
+    )
+    _layer_ticks(ax, names)
+    vio = [r for r in rows if r.get("maxvio") is not None and len(r["maxvio"]) == len(names)]
     if vio:
-        v = np.array([[np.nan if x is None else x for x in r["maxvio"]] for r in vio], float)  # [steps, layers]
-        im = ax.imshow(
-            v.T,
-            aspect="auto",
-            origin="lower",
-            cmap="magma",
-            interpolation="nearest",
-            extent=[vio[0]["step"], max(vio[-1]["step"], vio[0]["step"] + 1), -0.5, v.shape[1] - 0.5],
+        v = np.stack([r["maxvio"] for r in vio]).T  # [layers, steps]
+        s0, s1 = vio[0]["step"], max(vio[-1]["step"], vio[0]["step"] + 1)
+        im = ax_vio.imshow(
+            v, aspect="auto", cmap="magma", interpolation="nearest", extent=[s0, s1, len(names) - 0.5, -0.5]
         )
-        fig.colorbar(im, ax=ax)
-    ax.set(xlabel="step", ylabel="MoE layer", title="MaxVio (max load / mean load - 1)")
+        fig.colorbar(im, ax=ax_vio, label="MaxVio = max load / mean load - 1")
+        _layer_ticks(ax_vio, names)
+    ax_vio.set(xlabel="step", title="MaxVio per layer")
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, out / "expert_load.png")
+    return _save(fig, out_file)
 
 
 def _save(fig, path: epath.Path) -> epath.Path:
@@ -136,31 +232,57 @@ def _save(fig, path: epath.Path) -> epath.Path:
     return path
 
 
-def plot_workdir(workdir, out=None, logy: bool = False) -> list[epath.Path]:
-    """Draws every plot for ``workdir`` into ``out`` (default: the workdir); returns the paths."""
-    rows = read_metrics(workdir)  # first: a mistyped --workdir creates nothing
-    out = resolve(out or workdir)
+def _read_json(path: epath.Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def plot_runs(workdirs, out=None, labels=None, *, smooth_weight: float = 0.9, logy: bool = False) -> list[epath.Path]:
+    """Draws ``workdirs`` (overlaid when several) into ``out`` (default: the only workdir); returns the paths."""
+    workdirs = list(workdirs)
+    labels = list(labels or [resolve(w).name for w in workdirs])
+    if len(labels) != len(workdirs):
+        raise ValueError(f"{len(labels)} --label for {len(workdirs)} --workdir")
+    if out is None and len(workdirs) > 1:
+        raise ValueError("several --workdir: give --out for the overlaid plots")
+    runs = []
+    for w, label in zip(workdirs, labels):
+        rows = read_metrics(w)  # first: a mistyped --workdir creates nothing
+        runs.append((label, rows, _read_json(resolve(w) / "summary.json"), _read_json(resolve(w) / "config.json")))
+    out = resolve(out or workdirs[0])
     out.mkdir(parents=True, exist_ok=True)
-    paths = [plot_losses(rows, out, logy)]
-    load = plot_expert_load(rows, out)
-    if load is None:
-        print("no expert_load in metrics.jsonl; expert_load.png not drawn", file=sys.stderr)
-    else:
-        paths.append(load)
+    paths = [plot_losses([r[:3] for r in runs], out, smooth_weight=smooth_weight, logy=logy)]
+    for label, rows, _, config in runs:
+        name = "expert_load.png" if len(runs) == 1 else f"expert_load-{re.sub(r'[^A-Za-z0-9_.-]+', '_', label)}.png"
+        p = plot_expert_load(rows, out / name, config.get("model"), title=label)
+        if p is None:
+            print(f"no expert_load in {label}'s metrics.jsonl; {name} not drawn", file=sys.stderr)
+        else:
+            paths.append(p)
     return paths
 
 
+def plot_workdir(workdir, out=None, logy: bool = False) -> list[epath.Path]:
+    """Draws every plot for one run into ``out`` (default: the workdir); returns the paths."""
+    return plot_runs([workdir], out, logy=logy)
+
+
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Run directory holding metrics.jsonl.", required=True)
-flags.DEFINE_string("out", None, "Where to write the PNGs (default: --workdir).")
+flags.DEFINE_multi_string(
+    "workdir", None, "Run directory holding metrics.jsonl; repeat to overlay runs.", required=True
+)
+flags.DEFINE_multi_string("label", None, "A name per --workdir for the legends (default: the directory names).")
+flags.DEFINE_string("out", None, "Where to write the PNGs (default: the --workdir; needed for several).")
+flags.DEFINE_float("smooth", 0.9, "Exponential smoothing weight of the train curves, in [0, 1).")
 flags.DEFINE_bool("logy", False, "Log-scale y axis for the losses.")
 
 
 def main(argv):
     del argv
+    if not 0 <= FLAGS.smooth < 1:
+        sys.exit(f"error: --smooth={FLAGS.smooth}: must be in [0, 1)")
     try:
-        paths = plot_workdir(FLAGS.workdir, FLAGS.out, FLAGS.logy)
-    except FileNotFoundError as e:
+        paths = plot_runs(FLAGS.workdir, FLAGS.out, FLAGS.label, smooth_weight=FLAGS.smooth, logy=FLAGS.logy)
+    except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     for p in paths:
         print(p)

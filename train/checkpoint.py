@@ -193,6 +193,10 @@ class Checkpointer:
         self._protected = {int(s) for s in steps if s is not None}
 
     # --- restoring ---
+    def committed_steps(self) -> list[int]:
+        """The committed steps, oldest first."""
+        return self._committed_steps()
+
     def latest_step(self) -> int | None:
         """Newest committed step, or None."""
         steps = self._committed_steps()
@@ -217,8 +221,10 @@ class Checkpointer:
         expected_model: dict | None = None,
         allow_fallback: bool = False,
         fresh_start_ok: bool = False,
+        only_step: int | None = None,
     ):
         """Restores the newest committed step: ``(step, state, data_state, meta)``, or None if none.
+        ``only_step``: that step instead (FileNotFoundError if it is not a committed one).
 
         ``abstract_state``: pytree of ``jax.ShapeDtypeStruct`` (with ``.sharding`` to restore sharded)
         or of arrays, same structure as what was saved. ``expected_model``: the model config dict;
@@ -231,8 +237,12 @@ class Checkpointer:
             logging.warning("Ignoring checkpoint dir %s: no commit marker (save interrupted?).", self._step_dir(s))
         abstract = jax.tree.map(_abstract_leaf, abstract_state)
         want = {p: (tuple(x.shape), np.dtype(x.dtype)) for p, x in _flat_by_path(abstract).items()}
-        tried = []
-        for step in reversed(self._committed_steps()):
+        tried, steps = [], self._committed_steps()
+        if only_step is not None:
+            if only_step not in steps:
+                raise FileNotFoundError(f"{self.directory}: no committed checkpoint of step {only_step} (have {steps})")
+            steps = [only_step]
+        for step in reversed(steps):
             tried.append(step)
             try:
                 meta = self._read_meta(step)

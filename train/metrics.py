@@ -1,10 +1,11 @@
-"""Run logging: ``metrics.jsonl`` + TensorBoard + a tqdm bar (provenance files: ``train/provenance.py``).
+"""Run logging: ``metrics.jsonl`` + the trackers (TensorBoard, wandb: ``train/tracker.py``) + a tqdm bar
+(provenance files: ``train/provenance.py``).
 
 Files written into the workdir (process 0 only; local or remote, through ``etils.epath``)::
 
     metrics.jsonl             one JSON object per ``write``: {"step": int, **metrics}
     metrics.superseded.jsonl  lines a resume took out of metrics.jsonl (see below)
-    tb/                       TensorBoard event files (scalars; 1-D lists as <key>/<i>)
+    tb/                       TensorBoard event files, with train.tracker=tensorboard (train/tracker.py)
 
 **Resumes.** A run restarted from the checkpoint of step S (``start_step=S``) redoes the steps after
 S, so the lines the interrupted run wrote for them are orphans: they move, in their order, to
@@ -21,17 +22,16 @@ pandas read them back as None / NaN). Values are Python ints, floats, or nested 
 
 Key conventions (train lines): loss, main_loss, mtp_loss, balance_loss, grad_norm, lr,
 tokens_per_sec, mfu, skipped_steps, dropped_tokens, maxvio [n_moe_layers],
-expert_load [n_moe_layers][n_experts] (fraction of assignments per expert).
+expert_load [n_moe_layers][n_experts] (fraction of assignments per expert; on the lines of every
+``train.log_expert_load_every``-th step and the last).
 Eval lines: eval_loss, eval_perplexity, eval_bits_per_byte.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import time
-import uuid
 from typing import Any
 
 import jax
@@ -39,19 +39,26 @@ import numpy as np
 from etils import epath
 
 from train import paths as paths_lib
+from train import tracker as tracker_lib
 
 METRICS_FILE = "metrics.jsonl"
+# Per-layer, per-expert metrics: [n_moe_layers][n_experts] per line (~250 KB for DeepSeek-V3), so
+# written every ``train.log_expert_load_every`` steps only.
+PER_LAYER_KEYS = ("expert_load",)
 SUPERSEDED_FILE = "metrics.superseded.jsonl"
 # Console postfix: metric key -> short label.
 _POSTFIX = {"loss": "loss", "lr": "lr", "tokens_per_sec": "tok/s"}
 
 
 class MetricWriter:
-    """Appends metrics to JSONL and TensorBoard and drives a console progress bar.
+    """Appends metrics to JSONL, feeds the trackers (``train/tracker.py``) and drives a console bar.
 
     ``start_step``: the step the run starts after (0 = from scratch, S = resumed from step S);
     lines of an earlier run for later steps are superseded (module docstring); their count is
-    ``self.superseded``. Only process 0 writes; on other processes every method is a no-op.
+    ``self.superseded``. ``tracker``: ``train.tracker`` ("none", "tensorboard", "wandb", or several
+    joined by commas); ``config`` goes to wandb. ``per_layer_every``: the per-layer, per-expert
+    loads (``PER_LAYER_KEYS``) are kept on lines whose step is a multiple of it, and on the last
+    step's. Only process 0 writes; on other processes every method is a no-op.
     """
 
     def __init__(
@@ -60,33 +67,35 @@ class MetricWriter:
         *,
         total_steps: int,
         start_step: int = 0,
-        enable_tensorboard: bool = True,
+        tracker: str = "none",
+        config: dict | None = None,
+        wandb_project: str = "latentmoe",
+        per_layer_every: int = 1,
         console: bool = True,
         remote_flush_secs: float = 30.0,
     ):
         self.workdir = paths_lib.resolve(workdir)
+        tracker_lib.parse(tracker)  # a bad value fails on every process
+        if per_layer_every < 1:
+            raise ValueError(f"train.log_expert_load_every must be >= 1, got {per_layer_every}")
         self._active = jax.process_index() == 0
-        self._file = self._tb = self._bar = None
+        self._file = self._bar = None
+        self._trackers = []
+        self._total, self._per_layer_every = total_steps, per_layer_every
         self.superseded = 0
         if not self._active:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.superseded = supersede_after(self.workdir, start_step)
         self._file = AppendLog(self.workdir / METRICS_FILE, flush_secs=remote_flush_secs)
-        if enable_tensorboard:
-            from tensorboardX import SummaryWriter
-
-            logdir = self.workdir / "tb"
-            if paths_lib.is_remote(logdir):
-                _register_remote_event_files(str(logdir).split("://")[0])
-            # A unique suffix: tensorboardX names files by the second, and a restart within the same
-            # second would otherwise truncate the previous run's event file.
-            self._tb = SummaryWriter(
-                str(logdir),
-                purge_step=start_step + 1,
-                filename_suffix=f".{uuid.uuid4().hex[:8]}",
-                flush_secs=remote_flush_secs if paths_lib.is_remote(logdir) else 120,
-            )
+        self._trackers = tracker_lib.make(
+            tracker,
+            self.workdir,
+            start_step=start_step,
+            config=config,
+            project=wandb_project,
+            flush_secs=remote_flush_secs,
+        )
         if console:
             from tqdm import tqdm
 
@@ -96,19 +105,15 @@ class MetricWriter:
         """Records ``metrics`` at ``step`` (one device->host transfer for the whole dict)."""
         if not self._active:
             return
+        if step % self._per_layer_every and step != self._total:
+            metrics = {k: v for k, v in metrics.items() if k not in PER_LAYER_KEYS}
         values = {k: to_python(v) for k, v in jax.device_get(dict(metrics)).items()}
         line = {"step": int(step), **values}
         self._file.write(json.dumps(line, allow_nan=False) + "\n")
-        if self._tb is not None:
-            for k, v in values.items():
-                if isinstance(v, list):  # 1-D lists per element; nested (expert_load) only in JSONL
-                    if all(isinstance(x, (int, float)) or x is None for x in v):
-                        for i, x in enumerate(v):
-                            self._tb.add_scalar(f"{k}/{i}", _tb_float(x), int(step))
-                elif isinstance(v, (int, float)) or v is None:
-                    self._tb.add_scalar(k, _tb_float(v), int(step))
-            if not paths_lib.is_remote(self.workdir):
-                self._tb.flush()
+        if self._trackers:
+            tracked = tracker_lib.scalars(line)
+            for t in self._trackers:
+                t.log(int(step), tracked)
         if self._bar is not None:
             if step > self._bar.n:
                 self._bar.update(int(step) - self._bar.n)
@@ -133,17 +138,18 @@ class MetricWriter:
         """Stores everything written so far (on a remote workdir: uploads now)."""
         if self._file is not None:
             self._file.flush()
-        if self._tb is not None:
-            self._tb.flush()
+        for t in self._trackers:
+            t.flush()
 
     def close(self):
         if self._file is not None:
             self._file.close()
-        if self._tb is not None:
-            self._tb.close()
+        for t in self._trackers:
+            t.close()
         if self._bar is not None:
             self._bar.close()
-        self._file = self._tb = self._bar = None
+        self._file = self._bar = None
+        self._trackers = []
 
 
 def to_python(v: Any):
@@ -169,10 +175,6 @@ def _finite_or_none(x):
     if isinstance(x, list):
         return [_finite_or_none(y) for y in x]
     return x if math.isfinite(x) else None
-
-
-def _tb_float(x) -> float:
-    return float("nan") if x is None else float(x)
 
 
 def _short(v) -> str:
@@ -239,35 +241,3 @@ class AppendLog:
         self.flush()
         if self._fh is not None:
             self._fh.close()
-
-
-class _RemoteEventFile:
-    """tensorboardX record file on a remote store: the events so far, uploaded whole on ``flush``."""
-
-    def __init__(self, path: str):
-        self._path, self._buf = epath.Path(path), io.BytesIO()
-
-    def write(self, data: bytes):
-        self._buf.write(data)
-
-    def flush(self):
-        self._path.write_bytes(self._buf.getvalue())
-
-    def close(self):
-        self.flush()
-
-
-class _RemoteEventFiles:
-    """tensorboardX writer factory for a URL scheme, through epath (gcsfs / tf.io.gfile for gs://)."""
-
-    def open(self, path: str):
-        return _RemoteEventFile(path)
-
-    def directory_check(self, path: str):
-        epath.Path(path).mkdir(parents=True, exist_ok=True)
-
-
-def _register_remote_event_files(scheme: str):
-    from tensorboardX import record_writer
-
-    record_writer.register_writer_factory(scheme, _RemoteEventFiles())

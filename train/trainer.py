@@ -30,7 +30,7 @@ from jax.experimental import multihost_utils
 from model.config import ModelConfig
 from train import data as data_lib
 from train import paths as paths_lib
-from train import provenance, sharding
+from train import provenance, sharding, tracker
 from train import workdir as workdir_lib
 from train.checkpoint import Checkpointer
 from train.flops import model_flops_per_token
@@ -38,6 +38,8 @@ from train.metrics import MetricWriter
 from train.nonfinite import NonFiniteError, NonFiniteGuard
 from train.optimizer import check_optimizer_config, make_optimizer, make_schedule
 from train.peak import peak_flops
+from train.profiler import StepProfiler
+from train.profiler import parse_steps as parse_profile_steps
 from train.state import abstract_state, init_state
 from train.step import eval_metrics, make_eval_step, sharded_train_step
 
@@ -61,10 +63,13 @@ def _check_batch_config(config) -> None:
         "keep_checkpoints",
         "max_nonfinite_steps",
         "log_every",
+        "log_expert_load_every",
         "eval_batches",
     ):
         if t[name] < 1:
             raise ValueError(f"train.{name} must be >= 1, got {t[name]}")
+    tracker.parse(t.tracker)
+    parse_profile_steps(t.profile_steps)
     check_optimizer_config(config.optimizer)
 
 
@@ -155,7 +160,14 @@ def _train_and_evaluate(config, workdir, mesh, cfg, tokenizer, on_step) -> dict:
     changes = {} if restored is None else provenance.config_changes(restored[3].get("config", {}), config_json)
 
     writer = MetricWriter(
-        workdir, total_steps=tc.steps, start_step=start_step, enable_tensorboard=tc.tensorboard, console=tc.progress
+        workdir,
+        total_steps=tc.steps,
+        start_step=start_step,
+        tracker=tc.tracker,
+        config=config_json,
+        wandb_project=tc.wandb_project,
+        per_layer_every=tc.log_expert_load_every,
+        console=tc.progress,
     )
     provenance.write_run_info(
         workdir, config.to_dict(), start_step=start_step, changes=changes, superseded_lines=writer.superseded
@@ -249,17 +261,20 @@ def _train_and_evaluate(config, workdir, mesh, cfg, tokenizer, on_step) -> dict:
     step, last_eval = start_step, None
     tokens_per_step = tc.global_batch_size * config.data.seq_len
     timed_tokens, timed_secs, preempted = 0, 0.0, False
+    profiler = StepProfiler(tc.profile_steps, workdir)
     try:
         while step < tc.steps:
             batch = next(train_iter)
             if step == start_step:
                 data_lib.check_token_ids(batch, cfg.vocab_size)
             batch = sharding.global_batch(batch, mesh)
+            profiler.before_step(step)
             t0 = time.perf_counter()
             state, metrics = train_step(state, batch)
             metrics = jax.device_get(metrics)
             dt = time.perf_counter() - t0
             step += 1
+            profiler.after_step(step, state)
             if step > start_step + 1:  # the first step compiles
                 timed_tokens += tokens_per_step
                 timed_secs += dt
@@ -294,6 +309,7 @@ def _train_and_evaluate(config, workdir, mesh, cfg, tokenizer, on_step) -> dict:
         if last_eval is None:  # preempted, or resumed a finished run: evaluate what we have
             last_eval = evaluate(step)
     finally:
+        profiler.stop()
         for s, h in prev_handlers.items():
             signal.signal(s, h)
         try:

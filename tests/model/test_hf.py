@@ -315,7 +315,7 @@ def test_finetune_from_converted_checkpoint(hf_dir, tmp_path):
     config.data.val_percent = 34
     t = config.train
     t.steps, t.eval_batches, t.global_batch_size, t.eval_every, t.checkpoint_every = 2, 1, 2, 2, 2
-    t.tensorboard, t.progress, t.async_checkpoint, t.init_checkpoint = False, False, False, ckpt
+    t.tracker, t.progress, t.async_checkpoint, t.init_checkpoint = "none", False, False, ckpt
     config.optimizer.warmup_steps = 1
     t.peak_flops = 1e12  # skip the matmul benchmark
     workdir = tmp_path / "run"

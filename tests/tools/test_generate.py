@@ -18,7 +18,7 @@ def model():
 
 
 def test_jsonl_in_jsonl_out(model, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(tools.convert_hf, "load_model", lambda path: model)
+    monkeypatch.setattr(tools.convert_hf, "load_model", lambda path, step=None: model)
     reqs = [
         {"prompt": "def f(x):", "max_new_tokens": 6, "id": "a"},
         {"prompt": "import os", "temperature": 0.8, "top_k": 5},

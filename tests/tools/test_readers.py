@@ -60,5 +60,12 @@ def test_export_refuses_a_non_empty_directory_and_swaps_atomically(weights, tmp_
     shutil.rmtree(out)
     out.mkdir()  # an empty directory is fine
     files = convert_hf.export_hf(str(weights), str(out))
-    assert sorted(os.listdir(out)) == sorted(files + ["config.json"])
+    extra = [
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ]
+    assert sorted(os.listdir(out)) == sorted(files + extra)
     assert os.listdir(tmp_path) == ["hf"]  # no temporary sibling left

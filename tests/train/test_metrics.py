@@ -16,8 +16,9 @@ from train import provenance
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _write_run(workdir, n_steps=6, n_layers=2, n_experts=4, start_step=0, scale=3.0):
-    w = metrics_lib.MetricWriter(workdir, total_steps=n_steps, console=True, start_step=start_step)
+def _write_run(workdir, n_steps=6, n_layers=2, n_experts=4, start_step=0, scale=3.0, **writer):
+    writer = {"tracker": "tensorboard", **writer}
+    w = metrics_lib.MetricWriter(workdir, total_steps=n_steps, console=True, start_step=start_step, **writer)
     rng = np.random.default_rng(0)
     for step in range(start_step + 1, n_steps + 1):
         load = rng.dirichlet(np.ones(n_experts), size=n_layers)
@@ -59,9 +60,7 @@ def test_metric_writer_jsonl_and_tensorboard(tmp_path):
 
 def test_appends_across_writers(tmp_path):
     for step in (1, 2):
-        w = metrics_lib.MetricWriter(
-            tmp_path, total_steps=2, start_step=step - 1, enable_tensorboard=False, console=False
-        )
+        w = metrics_lib.MetricWriter(tmp_path, total_steps=2, start_step=step - 1, console=False)
         w.write(step, {"loss": float("inf")})
         w.close()
     lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]

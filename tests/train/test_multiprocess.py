@@ -39,7 +39,7 @@ def config(corpus: str, steps: int, **mesh):
     c.train.checkpoint_every = 100
     c.train.async_checkpoint = False
     c.train.progress = False
-    c.train.tensorboard = False
+    c.train.tracker = "none"
     c.train.peak_flops = 1e12  # skip the start-up matmul benchmark
     c.model.mtp_depth = 0  # compile time: the MoE path is exercised by the main MoE block
     c.optimizer.lr = 3e-4  # see test_parallel_equivalence.py: a small lr keeps Adam well-conditioned

@@ -108,7 +108,7 @@ def test_trainer_refuses_low_precision_master_weights(tmp_path):
     config = build("moe_tiny")
     config.model.param_dtype = "bfloat16"
     config.train.update(
-        steps=1, global_batch_size=2, eval_batches=1, peak_flops=1e12, progress=False, tensorboard=False
+        steps=1, global_batch_size=2, eval_batches=1, peak_flops=1e12, progress=False, tracker="none"
     )  # bounded, should the check ever be gone
     config.data.seq_len = 32
     config.optimizer.warmup_steps = 0

@@ -39,7 +39,7 @@ def test_remote_workdir_kill_resume_with_changes_then_rerun(tmp_path, monkeypatc
     with fake_gcs() as fs:
         for i in range(12):
             fs.pipe_file(f"bucket/corpus/doc{i:02d}.txt", (" ".join(rng.choice(words, 120)) + "\n").encode())
-        cfg = tiny("gs://bucket/corpus/*.txt", steps=5, checkpoint_every=2, tensorboard=True)
+        cfg = tiny("gs://bucket/corpus/*.txt", steps=5, checkpoint_every=2, tracker="tensorboard")
 
         def crash(step):
             if step == 4:
@@ -48,7 +48,7 @@ def test_remote_workdir_kill_resume_with_changes_then_rerun(tmp_path, monkeypatc
         with pytest.raises(KeyboardInterrupt):
             trainer.train_and_evaluate(cfg, URL, on_step=crash)
         first_info = fs.cat_file(f"{URL}/run_info.json")
-        resumed = tiny("gs://bucket/corpus/*.txt", steps=5, checkpoint_every=2, tensorboard=True)
+        resumed = tiny("gs://bucket/corpus/*.txt", steps=5, checkpoint_every=2, tracker="tensorboard")
         resumed.optimizer.lr = cfg.optimizer.lr / 2
         summary = trainer.train_and_evaluate(resumed, URL)
         assert "optimizer.lr: 0.003 -> 0.0015" in capsys.readouterr().out

@@ -47,7 +47,7 @@ def tiny(corpus, **train):
             eval_every=100,
             eval_batches=1,
             checkpoint_every=3,
-            tensorboard=False,
+            tracker="none",
             progress=False,
             peak_flops=1e12,
             async_checkpoint=True,
