@@ -75,8 +75,10 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, train_cfg, ep=No
         updates, new_opt = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
 
-        # Aux-loss-free bias update from the global batch's per-expert loads [l, e].
-        model = nnx.merge(graphdef, new_params, rest)
+        # Aux-loss-free bias update from the global batch's per-expert loads [l, e]. copy=True: merge
+        # shares the Variables of ``rest``, and the update would write into the ``rest`` that a
+        # non-finite step keeps (its biases then moved anyway).
+        model = nnx.merge(graphdef, new_params, rest, copy=True)
         if gamma:
             update_router_biases(model, loads, gamma)
         new_rest = nnx.state(model, nnx.Not(nnx.Param))
