@@ -48,7 +48,7 @@ def _batch() -> dict:
 
 
 def _run(microbatches: int):
-    cfg = tiny_config()  # MTP depth 1, dense + MoE layers, dropless
+    cfg = tiny_config(n_layers=2)  # a dense and a MoE block, an MTP module (MoE), dropless
     tx = grad_capture()
     graphdef, state = init_state(cfg, tx, seed=0)
     train_cfg = ml_collections.ConfigDict(
