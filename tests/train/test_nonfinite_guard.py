@@ -31,7 +31,7 @@ def _flat(tree) -> list[np.ndarray]:
 
 
 def _same(a, b) -> bool:
-    return all(np.array_equal(x, y, equal_nan=True) for x, y in zip(_flat(a), _flat(b), strict=True))
+    return all(np.array_equal(x, y) for x, y in zip(_flat(a), _flat(b), strict=True))
 
 
 def _differs_everywhere(a, b) -> bool:

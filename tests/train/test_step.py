@@ -36,7 +36,7 @@ def test_scanned_and_remat_train_step_equals_unscanned():
     stack: one train step (2 microbatches) gives the same losses, gradients and router biases.
     (``scan_layers`` under jit + grad once crashed with "Cannot extract graph node from different
     trace level", when the step merged the model without fresh Variables.)"""
-    base = dict(vocab_size=264, n_layers=3, first_k_dense=1, mtp_depth=1)
+    base = dict(vocab_size=264, n_layers=3, first_k_dense=1, mtp_depth=0)  # MTP: test_microbatch.py
     tx = grad_capture()  # the state keeps the accumulated gradient
     train_cfg = ml_collections.ConfigDict(
         dict(mtp_loss_weight=0.3, balance_loss_alpha=0.1, bias_update_rate=1e-3, microbatches=2)
