@@ -19,10 +19,6 @@ def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return logz - gold
 
 
-def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
-    return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-
-
 def mtp_targets(targets: jax.Array, loss_mask: jax.Array, segment_ids: jax.Array, k: int):
     """Targets and mask for MTP depth k (>= 1): position i predicts targets[i + k]. [b, t] each."""
     tgt = shift_left(targets, k)
@@ -30,17 +26,31 @@ def mtp_targets(targets: jax.Array, loss_mask: jax.Array, segment_ids: jax.Array
     return tgt, mask.astype(jnp.float32)
 
 
-def lm_losses(out, batch: dict, mtp_weight: float) -> dict:
-    """Main and MTP losses (means over their valid tokens) from a ``ModelOutput`` and a batch."""
+def loss_token_counts(batch: dict, mtp_depth: int) -> jax.Array:
+    """[1 + D]: the valid tokens of the main loss and of each MTP depth's loss in ``batch``."""
     mask = batch["loss_mask"].astype(jnp.float32)
+    mtp = [mtp_targets(batch["targets"], mask, batch["segment_ids"], k)[1].sum() for k in range(1, mtp_depth + 1)]
+    return jnp.stack([mask.sum()] + mtp)
+
+
+def lm_losses(out, batch: dict, mtp_weight: float, token_counts=None) -> dict:
+    """Main and MTP losses (means over their valid tokens) from a ``ModelOutput`` and a batch.
+
+    ``token_counts`` [1 + D] (``loss_token_counts``): the denominators; default this batch's own.
+    Gradient accumulation passes the whole global batch's, so that the microbatches' losses sum to
+    the global batch's mean (a mean of microbatch means would weight a token by its microbatch)."""
+    mask = batch["loss_mask"].astype(jnp.float32)
+    depth = 0 if out.mtp_logits is None else out.mtp_logits.shape[0]
+    if token_counts is None:
+        token_counts = loss_token_counts(batch, depth)
+    denom = jnp.maximum(token_counts, 1.0)  # [1 + D]
     nll = token_cross_entropy(out.logits, batch["targets"])
-    losses = {"main_loss": masked_mean(nll, mask), "nll_sum": jnp.sum(nll * mask), "n_tokens": jnp.sum(mask)}
+    losses = {"main_loss": jnp.sum(nll * mask) / denom[0], "nll_sum": jnp.sum(nll * mask), "n_tokens": jnp.sum(mask)}
     mtp = jnp.zeros((), jnp.float32)
-    if out.mtp_logits is not None:
-        depth = out.mtp_logits.shape[0]
+    if depth:
         for k in range(1, depth + 1):
             tgt, m = mtp_targets(batch["targets"], mask, batch["segment_ids"], k)
-            mtp = mtp + masked_mean(token_cross_entropy(out.mtp_logits[k - 1], tgt), m)
+            mtp = mtp + jnp.sum(token_cross_entropy(out.mtp_logits[k - 1], tgt) * m) / denom[k]
         mtp = mtp_weight * mtp / depth
     losses["mtp_loss"] = mtp
     return losses

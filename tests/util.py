@@ -52,3 +52,16 @@ def load_config_file(path: str):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod.get_config()
+
+
+def grad_capture():
+    """An optax transformation that applies no update and keeps the last gradient as its state:
+    a train step with it exposes the exact accumulated gradient in ``state["opt_state"]``."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    return optax.GradientTransformation(
+        lambda params: jax.tree.map(jnp.zeros_like, params),
+        lambda grads, state, params=None: (jax.tree.map(jnp.zeros_like, grads), grads),
+    )

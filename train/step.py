@@ -1,9 +1,11 @@
 """The jitted train and eval steps: pure functions of (state, batch).
 
-One optimizer step: split the global batch into ``microbatches``, average their gradients with a
-``lax.scan`` (gradient accumulation), clip + AdamW, then the aux-loss-free router-bias update
-from the expert loads summed over the whole global batch (DeepSeek-V3 report Sec. 2.1.2). A step
-whose loss or gradient is not finite changes nothing except the ``skipped`` counter.
+One optimizer step: split the global batch into ``microbatches``, sum their gradients with a
+``lax.scan`` (gradient accumulation: each microbatch's token losses are divided by the valid-token
+counts of the whole global batch, so the sum is the big batch's mean however unequally the
+microbatches are filled), clip + AdamW, then the aux-loss-free router-bias update from the expert
+loads summed over the whole global batch (DeepSeek-V3 report Sec. 2.1.2). A step whose loss or
+gradient is not finite changes nothing except the ``skipped`` counter.
 """
 
 import math
@@ -14,7 +16,7 @@ import optax
 from flax import nnx
 
 from model.balance import load_shape, max_violation, update_router_biases
-from model.loss import lm_losses, token_cross_entropy
+from model.loss import lm_losses, loss_token_counts, token_cross_entropy
 from train import sharding
 
 
@@ -29,14 +31,14 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, train_cfg, ep=No
     mtp_w, alpha, gamma = train_cfg.mtp_loss_weight, train_cfg.balance_loss_alpha, train_cfg.bias_update_rate
     n_micro = train_cfg.microbatches
 
-    def loss_fn(params, rest, mb):
+    def loss_fn(params, rest, mb, token_counts):
         # Fresh Variables owned by this trace: under jax.grad, ``rest`` (router biases) is traced by
         # the outer jit and ``params`` by grad, and ``nnx.scan`` (``scan_layers``) refuses Variables
         # of another trace level.
         model = nnx.merge(graphdef, params, rest, copy=True)
         out = model(mb["inputs"], mb["positions"], mb["segment_ids"], train=True, ep=ep)
-        losses = lm_losses(out, mb, mtp_w)
-        balance = alpha * out.aux["balance_loss"]
+        losses = lm_losses(out, mb, mtp_w, token_counts)
+        balance = alpha * out.aux["balance_loss"] / n_micro  # a mean over rows: each microbatch has b/n
         loss = losses["main_loss"] + losses["mtp_loss"] + balance
         metrics = {
             "loss": loss,
@@ -52,10 +54,12 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, train_cfg, ep=No
     def train_step(state, batch):
         params, rest = state["params"], state["rest"]
         micro = _split_micro(batch, n_micro)
+        shapes = nnx.merge(graphdef, params, rest)
+        token_counts = loss_token_counts(batch, shapes.cfg.mtp_depth)  # [1 + D], of the global batch
 
         def accumulate(carry, mb):
             g_acc, m_acc, load_acc = carry
-            (_, (m, load)), g = grad_fn(params, rest, mb)
+            (_, (m, load)), g = grad_fn(params, rest, mb, token_counts)
             add = lambda a, b: a + b
             return (jax.tree.map(add, g_acc, g), jax.tree.map(add, m_acc, m), jax.tree.map(add, load_acc, load)), None
 
@@ -63,18 +67,18 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, train_cfg, ep=No
         zeros_m = {
             k: jnp.zeros((), jnp.float32) for k in ("loss", "main_loss", "mtp_loss", "balance_loss", "dropped_tokens")
         }
-        zeros_l = jnp.zeros(load_shape(nnx.merge(graphdef, params, rest)), jnp.float32)  # [l, e]
+        zeros_l = jnp.zeros(load_shape(shapes), jnp.float32)  # [l, e]
         (grads, metrics, loads), _ = jax.lax.scan(accumulate, (zeros_g, zeros_m, zeros_l), micro)
-        grads = jax.tree.map(lambda g: g / n_micro, grads)
-        metrics = {k: (v if k == "dropped_tokens" else v / n_micro) for k, v in metrics.items()}
 
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
         updates, new_opt = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
 
-        # Aux-loss-free bias update from the global batch's per-expert loads [l, e].
-        model = nnx.merge(graphdef, new_params, rest)
+        # Aux-loss-free bias update from the global batch's per-expert loads [l, e]. copy=True: merge
+        # shares the Variables of ``rest``, and the update would write into the ``rest`` that a
+        # non-finite step keeps (its biases then moved anyway).
+        model = nnx.merge(graphdef, new_params, rest, copy=True)
         if gamma:
             update_router_biases(model, loads, gamma)
         new_rest = nnx.state(model, nnx.Not(nnx.Param))

@@ -1,4 +1,5 @@
-"""Fused router kernel (interpret mode) vs the jnp reference: ids, gates, counts (padding masked), VJP."""
+"""Fused router kernel (interpret mode) vs the jnp reference: ids, gates, counts (padding masked); the
+kernel's VJP and the reference's autodiff vs a closed-form gate gradient written in this file."""
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +35,32 @@ def _kernel(cfg, valid=None):
     return lambda x, b: route(x, b, cfg, valid, block_sizes=BlockSizes(16))
 
 
+def _gate_vjp_closed_form(logits, ids, cot, cfg) -> np.ndarray:
+    """d(sum cot * gates) / d logits in float64 from the gate's formula (V3 report eq. 13-15),
+    written out by hand: g_j = R s_j / (S + 1e-20), S = sum of the selected s (norm_topk_prob), or
+    g_j = R s_j; s = sigmoid(x) (ds_m/dx_m = s_m (1 - s_m)) or softmax(x) (ds/dx^T u = s (u - s.u)).
+    The selection (ids) is a constant of the backward pass."""
+    x, ids, c = (np.asarray(a, np.float64) for a in (logits, ids, cot))
+    ids = ids.astype(np.int64)
+    if cfg.score_fn == "sigmoid":
+        s = 1.0 / (1.0 + np.exp(-x))
+    else:
+        s = np.exp(x - x.max(-1, keepdims=True))
+        s /= s.sum(-1, keepdims=True)
+    sel = np.take_along_axis(s, ids, -1)  # [t, k]
+    r = cfg.routed_scaling_factor
+    if cfg.norm_topk_prob:
+        tot = sel.sum(-1, keepdims=True) + 1e-20
+        d_sel = r * (c / tot - (c * sel).sum(-1, keepdims=True) / tot**2)  # [t, k]
+    else:
+        d_sel = r * c
+    u = np.zeros_like(s)  # dL/ds [t, e]: only the selected experts
+    np.put_along_axis(u, ids, d_sel, -1)
+    if cfg.score_fn == "sigmoid":
+        return u * s * (1.0 - s)
+    return s * (u - (u * s).sum(-1, keepdims=True))
+
+
 def _check(cfg, logits, bias, cot):
     valid = jnp.arange(logits.shape[0]) % 5 != 3  # some padding tokens: not counted
     ids, gates, counts = _kernel(cfg, valid)(logits, bias)
@@ -43,7 +70,9 @@ def _check(cfg, logits, bias, cot):
     np.testing.assert_array_equal(counts, counts_ref)
     grads = jax.vjp(lambda x, b: _kernel(cfg)(x, b)[1], logits, bias)[1](cot)
     grads_ref = jax.vjp(lambda x, b: route_reference(x, b, cfg)[1], logits, bias)[1](cot)
-    assert_close(grads[0], grads_ref[0], jnp.float32)
+    want = _gate_vjp_closed_form(logits, ids_ref, cot, cfg)
+    assert_close(grads[0], want, jnp.float32, err_msg="kernel VJP vs closed form")
+    assert_close(grads_ref[0], want, jnp.float32, err_msg="reference (XLA path) autodiff vs closed form")
     assert not np.asarray(grads[1]).any() and not np.asarray(grads_ref[1]).any(), "bias gets no grad"
 
 

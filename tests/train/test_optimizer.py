@@ -68,18 +68,28 @@ def test_decay_only_matrices_on_nnx_state():
 
 
 def test_clip_before_adam():
-    # With clipping and Adam's normalisation, the first update has magnitude ~lr whatever the grad
-    # scale; check that the clip transform sees the raw global norm (it is first in the chain).
-    cfg = _cfg(lr=1.0, warmup_steps=0, schedule="constant", weight_decay=0.0, clip_norm=1.0)
-    tx = opt_lib.make_optimizer(cfg, 10)
+    """The global-norm clip acts on the raw gradient, before Adam. Gradient 100 in 4 entries (norm
+    200) clipped to norm 1 is 0.5 each; Adam's first moment then holds (1 - b1) * 0.5 = 0.05 (10
+    unclipped). Adam's first update is ~lr * sign(g) whatever the scale, so that alone cannot see the
+    clip; with eps = 1 it can: -lr * 0.5 / (0.5 + 1) = -1/3 clipped, -100/101 unclipped, and a clip
+    moved after Adam would clip -100/101 (norm 1.98) to -0.5."""
     params = {"a": jnp.zeros((2, 2))}
-    state = tx.init(params)
     grads = {"a": jnp.full((2, 2), 100.0)}
-    clipped, _ = optax.clip_by_global_norm(1.0).update(grads, optax.EmptyState())
-    np.testing.assert_allclose(optax.global_norm(clipped), 1.0, rtol=1e-6)
-    updates, _ = tx.update(grads, state, params)
-    np.testing.assert_allclose(updates["a"], -1.0, rtol=1e-5)
-    assert opt_lib.make_optimizer(_cfg(clip_norm=0.0, warmup_steps=0), 10).init(params) is not None
+
+    def first_step(**kw):
+        cfg = _cfg(lr=1.0, warmup_steps=0, schedule="constant", weight_decay=0.0, **kw)
+        tx = opt_lib.make_optimizer(cfg, 10)
+        updates, state = tx.update(grads, tx.init(params), params)
+        return np.asarray(updates["a"]), np.asarray(optax.tree_utils.tree_get(state, "mu")["a"])
+
+    upd, mu = first_step(clip_norm=1.0)
+    np.testing.assert_allclose(mu, 0.1 * 0.5, rtol=1e-6)
+    np.testing.assert_allclose(upd, -1.0, rtol=1e-5)  # sign-like first step: a clip after Adam would halve it
+    upd, mu = first_step(clip_norm=1.0, eps=1.0)
+    np.testing.assert_allclose(upd, -1.0 / 3.0, rtol=1e-5)
+    upd, mu = first_step(clip_norm=0.0, eps=1.0)  # 0 disables clipping
+    np.testing.assert_allclose(mu, 0.1 * 100.0, rtol=1e-6)
+    np.testing.assert_allclose(upd, -100.0 / 101.0, rtol=1e-5)
 
 
 def test_warmup_longer_than_the_run_is_clipped_with_a_warning():
