@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from kernels_pallas.backend import interpret_default, resolve
 from kernels_pallas.fp8 import kernel, reference
 from kernels_pallas.fp8.kernel import BlockSizes
+from kernels_pallas.gmm import ops as gmm_ops
 
 
 def resolve_impl(impl, interpret):
@@ -113,3 +114,44 @@ def fp8_matmul(x, w, *, fmt="fp8", pow2_scale=False, out_dtype=None, interpret=N
     accumulation). (DeepSeek-V3 also quantizes the backward GEMMs; this helper does not.)
     """
     return _fp8_matmul(x, w, fmt, pow2_scale, out_dtype or x.dtype, interpret, impl)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def _grouped_fp8_matmul(x, w, group_sizes, fmt, pow2_scale, out_dtype, interpret, impl):
+    kw = dict(fmt=fmt, pow2_scale=pow2_scale, interpret=interpret, impl=impl)
+    x_q, x_scale = quantize_activations(x, **kw)  # [m, k], [m, k/128]
+    w_q, w_scale = quantize_weights(w, **kw)  # [G, k, n], [G, k/128, n/128]
+    return grouped_scaled_matmul(
+        x_q, x_scale, w_q, w_scale, group_sizes, out_dtype=out_dtype, interpret=interpret, impl=impl
+    )
+
+
+def _grouped_fp8_matmul_fwd(x, w, group_sizes, *static):
+    return _grouped_fp8_matmul(x, w, group_sizes, *static), (x, w, group_sizes)
+
+
+def _grouped_fp8_matmul_bwd(fmt, pow2_scale, out_dtype, interpret, impl, res, g):
+    """Straight-through: the VJP of the unquantized grouped product x[rows of e] @ w[e]."""
+    x, w, group_sizes = res
+    g = g.astype(x.dtype)  # [m, n]
+    impl, interpret = resolve_impl(impl, interpret)
+    if impl == "xla":
+        product = lambda a, b: jax.lax.ragged_dot(a, b, group_sizes, preferred_element_type=jnp.float32)
+    else:
+        product = lambda a, b: gmm_ops.gmm(a, b, group_sizes, preferred_element_type=jnp.float32, interpret=interpret)
+    _, vjp = jax.vjp(product, x, w)
+    dx, dw = vjp(g.astype(jnp.float32))  # [m, k], [G, k, n]
+    return dx.astype(x.dtype), dw.astype(w.dtype), None
+
+
+_grouped_fp8_matmul.defvjp(_grouped_fp8_matmul_fwd, _grouped_fp8_matmul_bwd)
+
+
+def grouped_fp8_matmul(x, w, group_sizes, *, fmt="fp8", pow2_scale=False, out_dtype=None, interpret=None, impl="auto"):
+    """Per-expert ``fp8_matmul``: x [m, k] rows sorted by group, w [G, k, n], group_sizes [G] int32
+    (sum <= m; rows past the sum give zeros) -> [m, n]. Both operands quantized as in ``fp8_matmul``
+    (each expert's weight in its own 128x128 blocks). Backward: straight-through, the VJP of the
+    unquantized grouped product (``lax.ragged_dot`` for impl "xla", the Pallas gmm otherwise)."""
+    return _grouped_fp8_matmul(
+        x, w, group_sizes.astype(jnp.int32), fmt, pow2_scale, out_dtype or x.dtype, interpret, impl
+    )

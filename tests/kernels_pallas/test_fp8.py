@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from kernels_pallas.fp8 import (
     BlockSizes,
     fp8_matmul,
+    grouped_fp8_matmul,
     grouped_scaled_matmul,
     quantize_activations,
     quantize_weights,
@@ -176,3 +177,35 @@ def test_fp8_matmul_vjp_is_the_adjoint_of_the_unquantized_product():
     # The two terms separately (dw' = 0, then dx' = 0).
     assert abs(np.sum(dx * dx_dir) - np.sum(jx)) <= scale
     assert abs(np.sum(dw * dw_dir) - np.sum(jw)) <= scale
+
+
+@pytest.mark.parametrize("impl", ["pallas", "xla"])
+def test_grouped_fp8_matmul_forward_and_straight_through_vjp(impl):
+    """Forward: quantize both operands, then the grouped block-scaled matmul (its reference).
+    Backward: straight-through, i.e. the VJP of the unquantized product out[r] = x[r] @ w[e(r)] for
+    the rows r of group e (zero past sum(sizes)), written here in float64 numpy from that
+    definition: dx[r] = g[r] @ w[e(r)]^T, dw[e] = sum over rows r of e of x[r]^T g[r]. The groups
+    include an empty one and 7 trailing rows that belong to none; their cotangents must vanish."""
+    sizes = jnp.asarray([13, 0, 20], jnp.int32)  # rows 33..39 belong to no group
+    m, k, n, groups = 40, 256, 128, 3
+    keys = jax.random.split(jax.random.key(12), 3)
+    x = jax.random.normal(keys[0], (m, k), jnp.float32)
+    w = jax.random.normal(keys[1], (groups, k, n), jnp.float32) / 16
+    g = jax.random.normal(keys[2], (m, n), jnp.float32)
+    f = lambda a, b: grouped_fp8_matmul(a, b, sizes, out_dtype=jnp.float32, impl=impl)
+    out, vjp = jax.vjp(f, x, w)
+    x_q, x_s = ref.quantize_reference(x, 1)
+    w_q, w_s = quantize_weights(w, impl="xla")
+    assert_close(out, ref.grouped_scaled_matmul_reference(x_q, x_s, w_q, w_s, sizes), jnp.float32, composite=True)
+    dx, dw = (np.asarray(a, np.float64) for a in vjp(g))
+    x, w, g = (np.asarray(a, np.float64) for a in (x, w, g))
+    ends = np.cumsum(np.asarray(sizes))
+    dx_ref, dw_ref = np.zeros((m, k)), np.zeros((groups, k, n))
+    for e in range(groups):
+        rows = slice(ends[e] - int(sizes[e]), ends[e])
+        dx_ref[rows] = g[rows] @ w[e].T  # [rows, k]
+        dw_ref[e] = x[rows].T @ g[rows]  # [k, n]
+    # f32 accumulation over <= 256 terms of O(1) products: ~1e-6 of the largest entry.
+    np.testing.assert_allclose(dx, dx_ref, rtol=0, atol=1e-5 * np.abs(dx_ref).max())
+    np.testing.assert_allclose(dw, dw_ref, rtol=0, atol=1e-5 * np.abs(dw_ref).max())
+    assert not dx[33:].any() and not dw[1].any()  # rows of no group, the empty expert
