@@ -76,7 +76,9 @@ def accept_or_resample(p: jax.Array, q: jax.Array, draft: jax.Array, greedy: jax
     accepted = jax.random.uniform(k_u, draft.shape) * q_d < p_d  # u < p(d) / q(d); q(d) > 0
     residual = jnp.maximum(p - q, 0.0)  # [b, V]; all zero only if p == q, when every draft is accepted
     # greedy rows: the residual of two one-hots is p's one-hot, i.e. its argmax
-    resampled = sampling_lib.categorical_or_argmax(k_res, jnp.log(residual), ~greedy & ~accepted, jnp.argmax(p, -1))
+    resampled = sampling_lib.categorical_or_argmax(
+        k_res, jnp.log(residual), ~greedy & ~accepted, sampling_lib.argmax(p)
+    )
     return jnp.where(accepted, draft, resampled), accepted
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from model import decode, decode_experts, generation
+from model import decode, decode_experts, generation, sampling
 from model.transformer import Transformer
 from tests.model.test_decode import CFG
 from tests.tolerances import assert_close
@@ -175,7 +175,7 @@ def test_mtp_cache_matches_full_forward(small_v):
     assert_close(np.asarray(mtp_logits), np.asarray(out.mtp_logits[0]))
 
 
-@pytest.mark.parametrize("m", [1, 8])  # 2 and 16 tokens: the gather and the dense layout
+@pytest.mark.parametrize("m", [1, 8])  # 2 and 16 tokens: a few experts touched, and most of them
 def test_small_batch_experts_match_the_layer(model, m):
     graphdef, state = nnx.split(model.moe_blocks[0].mlp)
     x = jax.random.normal(jax.random.key(m), (m, 2, CFG.d_model))
@@ -184,10 +184,15 @@ def test_small_batch_experts_match_the_layer(model, m):
     def fast(state, x):  # the weights as an argument: the layer is built inside each trace
         return decode_experts.small_batch_moe(nnx.merge(graphdef, state), x, valid)
 
+    def prepared(state, x):  # the experts split once, as the decoding loop does
+        moe = nnx.merge(graphdef, state)
+        return decode_experts.small_batch_moe(moe, x, valid, decode_experts.split_experts(moe))
+
     def ref(state, x):
         return nnx.merge(graphdef, state)(x, valid.astype(jnp.int32))[0]
 
     assert_close(np.asarray(jax.jit(fast)(state, x)), np.asarray(jax.jit(ref)(state, x)))
+    np.testing.assert_array_equal(np.asarray(jax.jit(prepared)(state, x)), np.asarray(jax.jit(fast)(state, x)))
     # gradients with respect to the input and every weight (differentiating the weights also rebuilds
     # their variables inside the trace, where the router may write its load statistics)
     grads = [
@@ -198,3 +203,16 @@ def test_small_batch_experts_match_the_layer(model, m):
     assert len(flat[0]) == len(flat[1]) > 4
     for a, b in zip(*flat):
         assert_close(np.asarray(a), np.asarray(b), composite=True)
+
+
+def test_argmax_matches_jnp_argmax():
+    """sampling.argmax (a max and a min, faster on XLA:CPU) = jnp.argmax: first of tied maxima,
+    the first NaN when there is one, infinities."""
+    x = np.random.RandomState(0).randint(-3, 3, (64, 16)).astype(np.float32)  # many ties
+    x[1, :] = 5.0
+    x[2, [3, 9]] = np.nan
+    x[3, 7], x[4, :] = np.inf, -np.inf
+    x[5, [2, 6]] = np.inf
+    for a in (x, x[0], x.reshape(8, 8, 16)):
+        got = np.asarray(jax.jit(sampling.argmax)(jnp.asarray(a)))
+        np.testing.assert_array_equal(got, np.asarray(jnp.argmax(jnp.asarray(a), -1)))
