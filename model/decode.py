@@ -39,7 +39,7 @@ from flax import nnx
 
 from model import sampling as sampling_lib
 from model.config import ModelConfig
-from model.decode_experts import small_batch_moe, split_experts
+from model.decode_experts import small_batch_moe
 from model.mla import MLA
 from model.rope import rope_angles
 from model.sampling import Sampling
@@ -81,13 +81,13 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, kind: str) -> tuple:
 
 
 class LayerWeights(NamedTuple):
-    """One block's weights as a decode step reads them, made once outside the decoding loop
-    (``decode_weights``): inside a step XLA:CPU would transpose W_UK / W_UV and gather the experts
-    again every step (docs/benchmarks.md, "Generation": 3x the step time at batch 1)."""
+    """W_UK and W_UV with the heads leading, as the absorbed step's batched dots over h read them.
+    ``decode_weights`` makes them once outside the decoding loop: made inside the step (from
+    wkv_b [c, h, n+v]), XLA:CPU transposes both in every step, ~5x the time of the two products
+    (docs/benchmarks.md, "Generation")."""
 
-    w_uk: jax.Array  # [h, n, c] W_UK = wkv_b[:, :, :n], heads leading (a batched dot over h)
+    w_uk: jax.Array  # [h, n, c] W_UK = wkv_b[:, :, :n]
     w_uv: jax.Array  # [h, c, v] W_UV = wkv_b[:, :, n:]
-    experts: tuple | None  # MoE blocks: ``decode_experts.split_experts``; None for dense blocks
 
 
 def absorbed(mla: MLA) -> tuple[jax.Array, jax.Array]:
@@ -97,14 +97,10 @@ def absorbed(mla: MLA) -> tuple[jax.Array, jax.Array]:
     return jnp.transpose(wkv_b[..., :n], (1, 2, 0)), jnp.transpose(wkv_b[..., n:], (1, 0, 2))
 
 
-def layer_weights(blk) -> LayerWeights:
-    return LayerWeights(*absorbed(blk.attn), split_experts(blk.mlp) if blk.is_moe else None)
-
-
 def decode_weights(model: Transformer, mtp: bool = False) -> tuple:
     """``LayerWeights`` of every main-model block in order, then MTP module 1's block if ``mtp``."""
     blocks = _blocks(model) + ([model.mtp[0].block] if mtp else [])
-    return tuple(layer_weights(blk) for blk in blocks)
+    return tuple(LayerWeights(*absorbed(blk.attn)) for blk in blocks)
 
 
 # ---- one layer ----
@@ -171,7 +167,7 @@ def block_cached(blk, x: jax.Array, positions: jax.Array, valid: jax.Array, cach
     if not blk.is_moe:
         y = blk.mlp(h)
     elif small_batch:
-        y = small_batch_moe(blk.mlp, h, valid, None if lw is None else lw.experts)
+        y = small_batch_moe(blk.mlp, h, valid)
     else:
         y = blk.mlp(h, valid.astype(jnp.int32))[0]
     return x + y.astype(x.dtype), cache

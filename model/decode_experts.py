@@ -2,23 +2,22 @@
 
 The MoE layer's grouped matmul (``model/moe.py``) sorts assignments and multiplies row tiles of
 ``moe_block_rows`` rows: right for prefill and training, wasteful when a step has 1-64 tokens (a
-1-token step still multiplies full tiles, once per visited expert). Here, same math (DeepSeek-V3
-report Sec. 2.1.2 eq. 12), one expert at a time:
+1-token step still multiplies full tiles, once per visited expert). Same math, DeepSeek-V3 report
+Sec. 2.1.2 eq. 12, two layouts chosen statically by the step's size m (tokens) and k (top-k):
 
-    y = sum_e [e chosen by some token] combine[:, e] * SwiGLU_e(x)      combine [m, e]: gates, 0 off the choice
+* m k < E ("gather"): each token multiplies the k expert matrices it chose, gathered by id;
+  weights read: m k of the E experts (batch 1: k of E).
+* otherwise ("dense"): every expert multiplies every token and a [m, e] gate matrix, zero off the
+  chosen experts, mixes them; weights read: all E once, FLOPs E/k x the routed ones, cheap while
+  m is small (and exactly what a bandwidth-bound step can afford).
 
-Each routed expert is a ``lax.cond`` that runs only when a token of the step chose it, on all m
-tokens of the step (rows that did not choose it get weight 0). Weights read per step: the touched
-experts, once each (batch 1: k of E; batch 8: most of them); FLOPs: touched x m instead of m k,
-cheap while m is small (and exactly what a bandwidth-bound step can afford).
+Both are batched products over the weights' leading axes ([m, k] or [e]) with the tokens broadcast
+to match, so XLA:CPU reads every matrix in its stored layout. The broadcast goes through an
+``optimization_barrier``: without it XLA folds it back into an unbatched dot and transposes the
+gathered (or all) expert matrices in every step, 2x (batch 1) and 3x (batch 8) slower
+(docs/benchmarks.md, "Generation").
 
-Why one expert per branch and not a gather ``w[ids]`` or an einsum over all experts: on XLA:CPU a
-gather copies the chosen matrices every step, and an "md,edf" contraction transposes every expert
-matrix every step (measured in docs/benchmarks.md, "Generation"). The weights must therefore be
-separate arrays before the loop: ``split_experts`` (``model/generation.py`` calls it once per
-compiled loop, outside ``lax.while_loop``); without them ``small_batch_moe`` splits per call.
-
-``small_batch_moe`` is the dispatch: this path up to ``max_tokens`` tokens, the layer itself beyond.
+``small_batch_moe`` is the dispatch: these two up to ``max_tokens`` tokens, the layer itself beyond.
 Reference: the layer's ``__call__`` (tests/model/test_generation.py compares them, with gradients).
 """
 
@@ -30,42 +29,46 @@ import jax.numpy as jnp
 from model.moe import MoE
 
 
-def split_experts(moe: MoE) -> tuple:
-    """The routed experts as E separate (w_gate [d, f], w_up [d, f], w_down [f, d]) triples."""
-    w = (moe.w_gate[...], moe.w_up[...], moe.w_down[...])
-    return tuple(tuple(a[e] for a in w) for e in range(w[0].shape[0]))
+def _materialised(x: jax.Array) -> jax.Array:
+    """x as a real array, not a broadcast XLA may fold into the dot (see the module doc)."""
+    return jax.lax.optimization_barrier(x)
 
 
-def routed_per_expert(xt, ids, gates, experts: tuple, dt) -> jax.Array:
-    """xt [m, d], ids/gates [m, k], experts from ``split_experts`` -> [m, d] f32."""
-    m, e = xt.shape[0], len(experts)
+def routed_gather(xt, ids, gates, w_gate, w_up, w_down, dt) -> jax.Array:
+    """xt [m, d], ids/gates [m, k], weights [e, d, f] / [e, f, d] -> [m, d] f32."""
+    xk = _materialised(jnp.broadcast_to(xt[:, None], ids.shape + xt.shape[1:]))  # [m, k, d]
+    wg, wu, wd = (w[ids].astype(dt) for w in (w_gate, w_up, w_down))  # [m, k, d, f] x2, [m, k, f, d]
+    g = jnp.einsum("mkd,mkdf->mkf", xk, wg)  # [m, k, f]
+    u = jnp.einsum("mkd,mkdf->mkf", xk, wu)  # [m, k, f]
+    y = jnp.einsum("mkf,mkfd->mkd", jax.nn.silu(g) * u, wd, preferred_element_type=jnp.float32)  # [m, k, d]
+    return jnp.einsum("mkd,mk->md", y, gates)
+
+
+def routed_dense(xt, ids, gates, w_gate, w_up, w_down, dt) -> jax.Array:
+    """Same contract as ``routed_gather``; all experts on all tokens, masked by the gates."""
+    m, e = xt.shape[0], w_gate.shape[0]
     combine = jnp.zeros((m, e), jnp.float32).at[jnp.arange(m)[:, None], ids].add(gates)  # [m, e]
-    touched = jnp.zeros((e,), bool).at[ids].set(True)  # [e]
-    out = jnp.zeros(xt.shape, jnp.float32)  # [m, d]
-    for i, (w_gate, w_up, w_down) in enumerate(experts):
-
-        def run(out, c, w_gate=w_gate, w_up=w_up, w_down=w_down):
-            g = jnp.einsum("md,df->mf", xt, w_gate.astype(dt))  # [m, f]
-            u = jnp.einsum("md,df->mf", xt, w_up.astype(dt))  # [m, f]
-            y = jnp.einsum("mf,fd->md", jax.nn.silu(g) * u, w_down.astype(dt), preferred_element_type=jnp.float32)
-            return out + c[:, None] * y
-
-        out = jax.lax.cond(touched[i], run, lambda out, c: out, out, combine[:, i])
-    return out
+    xe = _materialised(jnp.broadcast_to(xt[None], (e,) + xt.shape))  # [e, m, d]
+    g = jnp.einsum("emd,edf->emf", xe, w_gate.astype(dt))  # [e, m, f]
+    u = jnp.einsum("emd,edf->emf", xe, w_up.astype(dt))  # [e, m, f]
+    y = jnp.einsum(
+        "emf,efd->emd", jax.nn.silu(g) * u, w_down.astype(dt), preferred_element_type=jnp.float32
+    )  # [e, m, d]
+    return jnp.einsum("emd,me->md", y, combine)
 
 
-def small_batch_moe(moe: MoE, x: jax.Array, valid: jax.Array, experts=None, max_tokens: int = 64) -> jax.Array:
-    """x [b, t, d], valid [b, t] -> y [b, t, d]: the MoE layer's output (shared + routed).
-    ``experts``: ``split_experts(moe)`` made once outside the decoding loop (None: split here)."""
+def small_batch_moe(moe: MoE, x: jax.Array, valid: jax.Array, max_tokens: int = 64) -> jax.Array:
+    """x [b, t, d], valid [b, t] -> y [b, t, d]: the MoE layer's output (shared + routed)."""
     cfg = moe.cfg
     b, t, d = x.shape
-    m = b * t
+    m, k, e = b * t, cfg.n_experts_per_tok, cfg.n_routed_experts
     if m > max_tokens:
         return moe(x, valid.astype(jnp.int32))[0]
     dt = jnp.dtype(cfg.dtype)
     xt = x.reshape(m, d).astype(dt)
     r = moe.router(xt, valid.reshape(m))  # ids, gates [m, k]
-    out = routed_per_expert(xt, r.ids, r.gates, split_experts(moe) if experts is None else experts, dt)  # [m, d]
+    routed = routed_gather if m * k < e else routed_dense
+    out = routed(xt, r.ids, r.gates, moe.w_gate[...], moe.w_up[...], moe.w_down[...], dt)  # [m, d] f32
     if moe.shared is not None:
         out = out + moe.shared(xt).astype(jnp.float32)
     return out.reshape(b, t, d).astype(x.dtype)

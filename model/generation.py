@@ -160,8 +160,8 @@ def advance(
 ) -> Loop:
     """Decode steps until every row is done or ``until`` steps have run in all (a traced scalar).
 
-    The step reads the weights in ``decode.decode_weights``' layout, made here once per call, before
-    the loop (a copy of the routed experts: a few ms, against every step's transposes and gathers)."""
+    The steps read W_UK / W_UV in ``decode.decode_weights``' layout, made here once per call, before
+    the loop (2 small transposes per layer, instead of in every step)."""
     step_fn = _METHODS[speculative][1]
     weights = decode.decode_weights(nnx.merge(graphdef, state), mtp=speculative)
 

@@ -175,7 +175,7 @@ def test_mtp_cache_matches_full_forward(small_v):
     assert_close(np.asarray(mtp_logits), np.asarray(out.mtp_logits[0]))
 
 
-@pytest.mark.parametrize("m", [1, 8])  # 2 and 16 tokens: a few experts touched, and most of them
+@pytest.mark.parametrize("m", [1, 8])  # 2 and 16 tokens: the gather and the dense layout
 def test_small_batch_experts_match_the_layer(model, m):
     graphdef, state = nnx.split(model.moe_blocks[0].mlp)
     x = jax.random.normal(jax.random.key(m), (m, 2, CFG.d_model))
@@ -184,15 +184,10 @@ def test_small_batch_experts_match_the_layer(model, m):
     def fast(state, x):  # the weights as an argument: the layer is built inside each trace
         return decode_experts.small_batch_moe(nnx.merge(graphdef, state), x, valid)
 
-    def prepared(state, x):  # the experts split once, as the decoding loop does
-        moe = nnx.merge(graphdef, state)
-        return decode_experts.small_batch_moe(moe, x, valid, decode_experts.split_experts(moe))
-
     def ref(state, x):
         return nnx.merge(graphdef, state)(x, valid.astype(jnp.int32))[0]
 
     assert_close(np.asarray(jax.jit(fast)(state, x)), np.asarray(jax.jit(ref)(state, x)))
-    np.testing.assert_array_equal(np.asarray(jax.jit(prepared)(state, x)), np.asarray(jax.jit(fast)(state, x)))
     # gradients with respect to the input and every weight (differentiating the weights also rebuilds
     # their variables inside the trace, where the router may write its load statistics)
     grads = [
