@@ -7,8 +7,8 @@ greedy), once to compile and once under ``jax.profiler``, and sums the trace's p
 records one per executed op) over the run. One JSON line per op, in microseconds per decode step,
 with the op's shape and the source operation it came from (its HLO ``op_name``), then one line per
 group of ops (the einsum or jax function named in ``op_name``). Ops inside a ``lax.cond`` branch
-(the routed experts) count only in the steps where the branch ran; ops outside the loop (the
-decode-layout weights, made once per call) are summed in ``before_loop_ms``. Op times from the
+count only in the steps where the branch ran; ops that ran once (outside the loop: the decode-layout
+weights, made once per call) are summed in ``before_loop_ms``. Op times from the
 two XLA threads overlap, so their sum can exceed the step's wall time. Results: docs/benchmarks.md,
 "Generation".
 """
@@ -68,16 +68,14 @@ def profile(model: Transformer, batch: int, new: int, top: int) -> None:
     loop = generation.start(graphdef, state, *args, total=total_len)
     hlo = generation.advance.lower(graphdef, state, loop, budget, stops, sampling, loop.step + new).compile().as_text()
     ops = op_table(hlo)
-    total, count, before_loop = collections.Counter(), collections.Counter(), 0.0
+    total, count = collections.Counter(), collections.Counter()
     for e in events:
         a = e.get("args", {})
-        if e.get("ph") != "X" or a.get("hlo_module") != "jit_advance" or a.get("hlo_op") not in ops:
-            continue
-        if "/while/" in ops[a["hlo_op"]][1]:
+        if e.get("ph") == "X" and a.get("hlo_module") == "jit_advance" and a.get("hlo_op") in ops:
             total[a["hlo_op"]] += e["dur"]
             count[a["hlo_op"]] += 1
-        else:  # once per call, outside the loop: decode.decode_weights
-            before_loop += e["dur"]
+    # ops that ran once ran outside the loop (decode.decode_weights; not every op carries an op_name)
+    before_loop = sum(total.pop(name) for name in [n for n in total if count[n] == 1])
     steps = max(r.steps, 1)
     head = {
         "mode": "profile",
