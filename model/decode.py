@@ -83,7 +83,7 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, kind: str) -> tuple:
 class LayerWeights(NamedTuple):
     """W_UK and W_UV with the heads leading, as the absorbed step's batched dots over h read them.
     ``decode_weights`` makes them once outside the decoding loop: made inside the step (from
-    wkv_b [c, h, n+v]), XLA:CPU transposes both in every step, ~5x the time of the two products
+    wkv_b [c, h, n+v]), XLA:CPU transposes both in every step: 3-6x the time of the two products
     (docs/benchmarks.md, "Generation")."""
 
     w_uk: jax.Array  # [h, n, c] W_UK = wkv_b[:, :, :n]
