@@ -30,7 +30,7 @@ layers are counted: plain generation never runs the MTP modules, so cache bytes 
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -77,6 +77,32 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, kind: str) -> tuple:
     return tuple(init_layer_cache(cfg, batch, length, kind) for _ in range(cfg.n_layers))
 
 
+# ---- weights in the decode step's layout ----
+
+
+class LayerWeights(NamedTuple):
+    """W_UK and W_UV with the heads leading, as the absorbed step's batched dots over h read them.
+    ``decode_weights`` makes them once outside the decoding loop: made inside the step (from
+    wkv_b [c, h, n+v]), XLA:CPU transposes both in every step: 3-6x the time of the two products
+    (docs/benchmarks.md, "Generation")."""
+
+    w_uk: jax.Array  # [h, n, c] W_UK = wkv_b[:, :, :n]
+    w_uv: jax.Array  # [h, c, v] W_UV = wkv_b[:, :, n:]
+
+
+def absorbed(mla: MLA) -> tuple[jax.Array, jax.Array]:
+    """(W_UK [h, n, c], W_UV [h, c, v]) in the compute dtype: the absorbed cache's up-projections."""
+    n = mla.cfg.qk_nope_head_dim
+    wkv_b = mla.wkv_b[...].astype(jnp.dtype(mla.cfg.dtype))  # [c, h, n+v]
+    return jnp.transpose(wkv_b[..., :n], (1, 2, 0)), jnp.transpose(wkv_b[..., n:], (1, 0, 2))
+
+
+def decode_weights(model: Transformer, mtp: bool = False) -> tuple:
+    """``LayerWeights`` of every main-model block in order, then MTP module 1's block if ``mtp``."""
+    blocks = _blocks(model) + ([model.mtp[0].block] if mtp else [])
+    return tuple(LayerWeights(*absorbed(blk.attn)) for blk in blocks)
+
+
 # ---- one layer ----
 
 
@@ -85,25 +111,26 @@ def _write(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
     return cache.at[jnp.arange(cache.shape[0])[:, None], positions].set(new.astype(cache.dtype))
 
 
-def cached_attention(mla: MLA, x: jax.Array, positions: jax.Array, cache: dict):
-    """x [b, t, d] (normed), positions [b, t] -> (out [b, t, d], updated layer cache)."""
+def cached_attention(mla: MLA, x: jax.Array, positions: jax.Array, cache: dict, lw: LayerWeights | None = None):
+    """x [b, t, d] (normed), positions [b, t] -> (out [b, t, d], updated layer cache). ``lw``: W_UK and
+    W_UV prepared by ``decode_weights`` (None: ``absorbed(mla)`` here, same values)."""
     cfg, dt = mla.cfg, jnp.dtype(mla.cfg.dtype)
     n = cfg.qk_nope_head_dim
     cos, sin = rope_angles(positions, cfg.qk_rope_head_dim, cfg.rope_theta, cfg.yarn)
     q_nope, q_rope = mla.queries(x, cos, sin)  # [b, t, h, n], [b, t, h, r]
     c_kv, k_rope = mla.latents(x, cos, sin)  # [b, t, c], [b, t, r]
-    wkv_b = mla.wkv_b[...].astype(dt)  # [c, h, n+v]
     slots = jnp.arange(next(iter(cache.values())).shape[1])
     mask = (slots[None, None, :] <= positions[:, :, None])[:, None]  # [b, 1, t, S]
     if "c_kv" in cache:
         cache = {"c_kv": _write(cache["c_kv"], c_kv, positions), "k_rope": _write(cache["k_rope"], k_rope, positions)}
         ckv, kr = cache["c_kv"], cache["k_rope"]  # [b, S, c], [b, S, r]
-        q_lat = jnp.einsum("bthn,chn->bthc", q_nope, wkv_b[..., :n])  # [b, t, h, c]
+        w_uk, w_uv = absorbed(mla) if lw is None else (lw.w_uk, lw.w_uv)  # [h, n, c], [h, c, v]
+        q_lat = jnp.einsum("bthn,hnc->bthc", q_nope, w_uk)  # [b, t, h, c]
         scores = jnp.einsum("bthc,bsc->bhts", q_lat, ckv, preferred_element_type=jnp.float32) + jnp.einsum(
             "bthr,bsr->bhts", q_rope, kr, preferred_element_type=jnp.float32
         )
     else:
-        kv = jnp.einsum("btc,chk->bthk", c_kv, wkv_b)  # [b, t, h, n+v]
+        kv = jnp.einsum("btc,chk->bthk", c_kv, mla.wkv_b[...].astype(dt))  # [b, t, h, n+v]
         k_new = jnp.concatenate([kv[..., :n], jnp.broadcast_to(k_rope[:, :, None], q_rope.shape)], -1)
         cache = {"k": _write(cache["k"], k_new, positions), "v": _write(cache["v"], kv[..., n:], positions)}
         k = cache["k"]  # [b, S, h, n+r]
@@ -113,7 +140,7 @@ def cached_attention(mla: MLA, x: jax.Array, positions: jax.Array, cache: dict):
     probs = jax.nn.softmax(jnp.where(mask, scores * cfg.softmax_scale, -1e30), axis=-1).astype(dt)
     if "c_kv" in cache:
         o_lat = jnp.einsum("bhts,bsc->bthc", probs, cache["c_kv"])  # [b, t, h, c]
-        o = jnp.einsum("bthc,chv->bthv", o_lat, wkv_b[..., n:])  # [b, t, h, v]
+        o = jnp.einsum("bthc,hcv->bthv", o_lat, w_uv)  # [b, t, h, v]
     else:
         o = jnp.einsum("bhts,bshv->bthv", probs, cache["v"])  # [b, t, h, v]
     return jnp.einsum("bthv,hvd->btd", o, mla.wo[...].astype(dt)), cache
@@ -128,12 +155,13 @@ def _blocks(model: Transformer) -> list:
     return blocks + [nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state)) for i in range(model.cfg.n_moe_layers)]
 
 
-def block_cached(blk, x: jax.Array, positions: jax.Array, valid: jax.Array, cache: dict, small_batch: bool):
+def block_cached(blk, x: jax.Array, positions: jax.Array, valid: jax.Array, cache: dict, small_batch: bool, lw=None):
     """One pre-norm block (``model/block.py``) with cached attention: x [b, t, d] -> (x, layer cache).
 
     ``small_batch``: MoE blocks use ``model/decode_experts.py`` (decode steps); else the layer itself.
+    ``lw``: the block's ``LayerWeights`` (decode loops make them once; None: derived here).
     """
-    a, cache = cached_attention(blk.attn, blk.attn_norm(x), positions, cache)
+    a, cache = cached_attention(blk.attn, blk.attn_norm(x), positions, cache, lw)
     x = x + a.astype(x.dtype)
     h = blk.mlp_norm(x)
     if not blk.is_moe:
@@ -145,32 +173,36 @@ def block_cached(blk, x: jax.Array, positions: jax.Array, valid: jax.Array, cach
     return x + y.astype(x.dtype), cache
 
 
-def hidden_cached(model: Transformer, tokens, positions, valid, cache: tuple, small_batch: bool = False):
-    """tokens, positions, valid [b, t] -> (final-normed hidden [b, t, d], cache). Writes slots ``positions``."""
+def hidden_cached(model: Transformer, tokens, positions, valid, cache: tuple, small_batch: bool = False, weights=None):
+    """tokens, positions, valid [b, t] -> (final-normed hidden [b, t, d], cache). Writes slots ``positions``.
+    ``weights``: ``decode_weights(model)`` (its first n_layers entries are used), or None."""
     x = model.embed_tokens(tokens)
     new_cache = []
-    for blk, layer_cache in zip(_blocks(model), cache):
-        x, layer_cache = block_cached(blk, x, positions, valid, layer_cache, small_batch)
+    weights = (None,) * model.cfg.n_layers if weights is None else weights
+    for blk, layer_cache, lw in zip(_blocks(model), cache, weights):
+        x, layer_cache = block_cached(blk, x, positions, valid, layer_cache, small_batch, lw)
         new_cache.append(layer_cache)
     return model.final_norm(x), tuple(new_cache)
 
 
-def forward_cached(model: Transformer, tokens, positions, valid, cache: tuple, small_batch: bool = False):
+def forward_cached(model: Transformer, tokens, positions, valid, cache: tuple, small_batch: bool = False, weights=None):
     """tokens, positions, valid [b, t] -> (logits [b, t, V] f32, cache). Writes slots ``positions``."""
-    h, cache = hidden_cached(model, tokens, positions, valid, cache, small_batch)
+    h, cache = hidden_cached(model, tokens, positions, valid, cache, small_batch, weights)
     return model.logits_from(h), cache
 
 
-def mtp_cached(model: Transformer, h_prev, tokens_ahead, positions, valid, cache: dict, small_batch: bool = False):
+def mtp_cached(
+    model: Transformer, h_prev, tokens_ahead, positions, valid, cache: dict, small_batch: bool = False, lw=None
+):
     """MTP module 1 (``model/mtp.py``) with its own one-layer cache.
 
     h_prev [b, t, d]: the main model's final-normed hidden at ``positions``; tokens_ahead [b, t]: the
     token after each position. -> (normed hidden [b, t, d] whose logits predict the token two
-    ahead, cache).
+    ahead, cache). ``lw``: its block's ``LayerWeights`` (``decode_weights(model, mtp=True)[-1]``) or None.
     """
     module = model.mtp[0]
     x = module.combine(h_prev, model.embed_tokens(tokens_ahead))  # [b, t, d]
-    x, cache = block_cached(module.block, x, positions, valid, cache, small_batch)
+    x, cache = block_cached(module.block, x, positions, valid, cache, small_batch, lw)
     return module.norm(x), cache
 
 

@@ -11,8 +11,14 @@ Sec. 2.1.2 eq. 12, two layouts chosen statically by the step's size m (tokens) a
   chosen experts, mixes them; weights read: all E once, FLOPs E/k x the routed ones, cheap while
   m is small (and exactly what a bandwidth-bound step can afford).
 
+Both are batched products over the weights' leading axes ([m, k] or [e]) with the tokens broadcast
+to match, so XLA:CPU reads every matrix in its stored layout. The broadcast goes through an
+``optimization_barrier``: without it XLA folds it back into an unbatched dot and transposes the
+gathered (or all) expert matrices in every step, 2x (batch 1) and 3x (batch 8) slower
+(docs/benchmarks.md, "Generation").
+
 ``small_batch_moe`` is the dispatch: these two up to ``max_tokens`` tokens, the layer itself beyond.
-Reference: the layer's ``__call__`` (tests/model/test_decode.py compares them).
+Reference: the layer's ``__call__`` (tests/model/test_generation.py compares them, with gradients).
 """
 
 from __future__ import annotations
@@ -23,11 +29,17 @@ import jax.numpy as jnp
 from model.moe import MoE
 
 
+def _materialised(x: jax.Array) -> jax.Array:
+    """x as a real array, not a broadcast XLA may fold into the dot (see the module doc)."""
+    return jax.lax.optimization_barrier(x)
+
+
 def routed_gather(xt, ids, gates, w_gate, w_up, w_down, dt) -> jax.Array:
     """xt [m, d], ids/gates [m, k], weights [e, d, f] / [e, f, d] -> [m, d] f32."""
+    xk = _materialised(jnp.broadcast_to(xt[:, None], ids.shape + xt.shape[1:]))  # [m, k, d]
     wg, wu, wd = (w[ids].astype(dt) for w in (w_gate, w_up, w_down))  # [m, k, d, f] x2, [m, k, f, d]
-    g = jnp.einsum("md,mkdf->mkf", xt, wg)  # [m, k, f]
-    u = jnp.einsum("md,mkdf->mkf", xt, wu)  # [m, k, f]
+    g = jnp.einsum("mkd,mkdf->mkf", xk, wg)  # [m, k, f]
+    u = jnp.einsum("mkd,mkdf->mkf", xk, wu)  # [m, k, f]
     y = jnp.einsum("mkf,mkfd->mkd", jax.nn.silu(g) * u, wd, preferred_element_type=jnp.float32)  # [m, k, d]
     return jnp.einsum("mkd,mk->md", y, gates)
 
@@ -36,8 +48,9 @@ def routed_dense(xt, ids, gates, w_gate, w_up, w_down, dt) -> jax.Array:
     """Same contract as ``routed_gather``; all experts on all tokens, masked by the gates."""
     m, e = xt.shape[0], w_gate.shape[0]
     combine = jnp.zeros((m, e), jnp.float32).at[jnp.arange(m)[:, None], ids].add(gates)  # [m, e]
-    g = jnp.einsum("md,edf->emf", xt, w_gate.astype(dt))  # [e, m, f]
-    u = jnp.einsum("md,edf->emf", xt, w_up.astype(dt))  # [e, m, f]
+    xe = _materialised(jnp.broadcast_to(xt[None], (e,) + xt.shape))  # [e, m, d]
+    g = jnp.einsum("emd,edf->emf", xe, w_gate.astype(dt))  # [e, m, f]
+    u = jnp.einsum("emd,edf->emf", xe, w_up.astype(dt))  # [e, m, f]
     y = jnp.einsum(
         "emf,efd->emd", jax.nn.silu(g) * u, w_down.astype(dt), preferred_element_type=jnp.float32
     )  # [e, m, d]

@@ -100,11 +100,12 @@ def plain_start(model, tokens, lengths, sampling: Sampling, key, total: int, kin
     return PlainState(cache, first, lengths), first, sampling_lib.logprob(last, first, sampling)
 
 
-def plain_step(model, st: PlainState, done, sampling: Sampling, key):
-    """One token per row -> (state, new [b, 1], log-probs [b, 1], available [b], drafted, accepted)."""
+def plain_step(model, st: PlainState, done, sampling: Sampling, key, weights=None):
+    """One token per row -> (state, new [b, 1], log-probs [b, 1], available [b], drafted, accepted).
+    ``weights``: ``decode.decode_weights(model)``, made once before the loop (None: per step)."""
     b = st.tok.shape[0]
     logits, cache = decode.forward_cached(
-        model, st.tok[:, None], st.pos[:, None], jnp.ones((b, 1), bool), st.cache, small_batch=True
+        model, st.tok[:, None], st.pos[:, None], jnp.ones((b, 1), bool), st.cache, small_batch=True, weights=weights
     )
     nxt = sampling_lib.sample(logits[:, 0], key, sampling)
     lp = sampling_lib.logprob(logits[:, 0], nxt, sampling)
@@ -157,8 +158,12 @@ def start(
 def advance(
     graphdef, state, loop: Loop, budget, stops, sampling: Sampling, until, *, speculative: bool = False
 ) -> Loop:
-    """Decode steps until every row is done or ``until`` steps have run in all (a traced scalar)."""
+    """Decode steps until every row is done or ``until`` steps have run in all (a traced scalar).
+
+    The steps read W_UK / W_UV in ``decode.decode_weights``' layout, made here once per call, before
+    the loop (2 small transposes per layer, instead of in every step)."""
     step_fn = _METHODS[speculative][1]
+    weights = decode.decode_weights(nnx.merge(graphdef, state), mtp=speculative)
 
     def cond(carry):
         lp = carry[0]
@@ -167,16 +172,16 @@ def advance(
     def body(carry):
         # The weights ride in the carry (unchanged) so the model is built at the loop body's trace
         # level: nnx refuses layers that write a variable (the router's load) from another one.
-        lp, weights = carry
-        model = nnx.merge(graphdef, weights)
+        lp, params, weights = carry
+        model = nnx.merge(graphdef, params)
         key, sub = jax.random.split(lp.key)
         active = (~lp.out.done).astype(jnp.int32)
-        core, new, lps, avail, drafted, accepted = step_fn(model, lp.core, lp.out.done, sampling, sub)
+        core, new, lps, avail, drafted, accepted = step_fn(model, lp.core, lp.out.done, sampling, sub, weights)
         out = emit(lp.out, new, lps, avail, stops, budget)
         out = out._replace(drafted=out.drafted + active * drafted, accepted=out.accepted + active * accepted)
-        return Loop(lp.step + 1, key, out, core), weights
+        return Loop(lp.step + 1, key, out, core), params, weights
 
-    return jax.lax.while_loop(cond, body, (loop, state))[0]
+    return jax.lax.while_loop(cond, body, (loop, state, weights))[0]
 
 
 # ---- host conveniences ----

@@ -62,9 +62,17 @@ def warp(logits: jax.Array, s: Sampling) -> jax.Array:
     return jax.lax.cond(filtering, _top_k_top_p, lambda x, _: x, scaled, s)
 
 
+def argmax(x: jax.Array) -> jax.Array:
+    """``jnp.argmax(x, -1)`` ([..., V] -> [...] int32: the first maximum, or the first NaN if any) as a
+    max and a min over the last axis: XLA:CPU runs the variadic (value, index) reduce of argmax ~3x
+    slower (0.33 against 0.11 ms at [8, 8192]; every decode step takes one)."""
+    hit = (x == jnp.max(x, -1, keepdims=True)) | jnp.isnan(x)  # [..., V]
+    return jnp.min(jnp.where(hit, jnp.arange(x.shape[-1], dtype=jnp.int32), x.shape[-1]), -1)
+
+
 def sample(logits: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
     """logits [b, V] -> token ids [b] int32. An all-greedy batch draws no random numbers."""
-    return categorical_or_argmax(key, warp(logits, s), s.temperature > 0, jnp.argmax(logits, -1))
+    return categorical_or_argmax(key, warp(logits, s), s.temperature > 0, argmax(logits))
 
 
 def categorical_or_argmax(key, log_weights: jax.Array, sampled: jax.Array, greedy: jax.Array) -> jax.Array:
@@ -78,7 +86,7 @@ def categorical_or_argmax(key, log_weights: jax.Array, sampled: jax.Array, greed
 
 def probs(logits: jax.Array, s: Sampling) -> jax.Array:
     """The distribution ``sample`` draws from: [b, V] f32 (one-hot at the argmax for greedy rows)."""
-    onehot = jax.nn.one_hot(jnp.argmax(logits, -1), logits.shape[-1], dtype=jnp.float32)
+    onehot = jax.nn.one_hot(argmax(logits), logits.shape[-1], dtype=jnp.float32)
     return jnp.where(s.temperature[:, None] > 0, jax.nn.softmax(warp(logits, s), -1), onehot)
 
 

@@ -76,19 +76,22 @@ def accept_or_resample(p: jax.Array, q: jax.Array, draft: jax.Array, greedy: jax
     accepted = jax.random.uniform(k_u, draft.shape) * q_d < p_d  # u < p(d) / q(d); q(d) > 0
     residual = jnp.maximum(p - q, 0.0)  # [b, V]; all zero only if p == q, when every draft is accepted
     # greedy rows: the residual of two one-hots is p's one-hot, i.e. its argmax
-    resampled = sampling_lib.categorical_or_argmax(k_res, jnp.log(residual), ~greedy & ~accepted, jnp.argmax(p, -1))
+    resampled = sampling_lib.categorical_or_argmax(
+        k_res, jnp.log(residual), ~greedy & ~accepted, sampling_lib.argmax(p)
+    )
     return jnp.where(accepted, draft, resampled), accepted
 
 
-def step(model, st: SpecState, done, sampling: Sampling, key):
+def step(model, st: SpecState, done, sampling: Sampling, key, weights=None):
     """Verify the draft, draft again -> (state, new [b, 2], log-probs [b, 2], available [b] (1 or 2),
-    drafted [b], accepted [b])."""
+    drafted [b], accepted [b]). ``weights``: ``decode.decode_weights(model, mtp=True)`` or None."""
     b = st.tok.shape[0]
     k_acc, k_bonus, k_draft = jax.random.split(key, 3)
     positions = st.pos[:, None] + jnp.arange(2, dtype=jnp.int32)  # [b, 2]
     valid = jnp.ones((b, 2), bool)
+    weights = (None,) * (model.cfg.n_layers + 1) if weights is None else weights
     h, caches = decode.hidden_cached(
-        model, jnp.stack([st.tok, st.draft], 1), positions, valid, st.cache, small_batch=True
+        model, jnp.stack([st.tok, st.draft], 1), positions, valid, st.cache, small_batch=True, weights=weights
     )  # [b, 2, d]
     logits = model.logits_from(h)  # [b, 2, V]
     x1, accepted = accept_or_resample(
@@ -99,7 +102,9 @@ def step(model, st: SpecState, done, sampling: Sampling, key):
     lps = jnp.stack(
         [sampling_lib.logprob(logits[:, 0], x1, sampling), sampling_lib.logprob(logits[:, 1], x2, sampling)], 1
     )
-    h_mtp, mtp_cache = decode.mtp_cached(model, h, new, positions, valid, st.mtp_cache, small_batch=True)
+    h_mtp, mtp_cache = decode.mtp_cached(
+        model, h, new, positions, valid, st.mtp_cache, small_batch=True, lw=weights[-1]
+    )
     draft, q = _draft(model, jnp.where(accepted[:, None], h_mtp[:, 1], h_mtp[:, 0]), sampling, k_draft)
     tok = jnp.where(accepted, x2, x1)
     pos = jnp.where(done, st.pos, st.pos + 1 + accepted)

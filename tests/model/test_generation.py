@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from model import decode, decode_experts, generation
+from model import decode, decode_experts, generation, sampling
 from model.transformer import Transformer
 from tests.model.test_decode import CFG
 from tests.tolerances import assert_close
@@ -198,3 +198,16 @@ def test_small_batch_experts_match_the_layer(model, m):
     assert len(flat[0]) == len(flat[1]) > 4
     for a, b in zip(*flat):
         assert_close(np.asarray(a), np.asarray(b), composite=True)
+
+
+def test_argmax_matches_jnp_argmax():
+    """sampling.argmax (a max and a min, faster on XLA:CPU) = jnp.argmax: first of tied maxima,
+    the first NaN when there is one, infinities."""
+    x = np.random.RandomState(0).randint(-3, 3, (64, 16)).astype(np.float32)  # many ties
+    x[1, :] = 5.0
+    x[2, [3, 9]] = np.nan
+    x[3, 7], x[4, :] = np.inf, -np.inf
+    x[5, [2, 6]] = np.inf
+    for a in (x, x[0], x.reshape(8, 8, 16)):
+        got = np.asarray(jax.jit(sampling.argmax)(jnp.asarray(a)))
+        np.testing.assert_array_equal(got, np.asarray(jnp.argmax(jnp.asarray(a), -1)))
