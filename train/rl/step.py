@@ -32,12 +32,21 @@ def make_logprob_fn(graphdef, temperature: float):
     return jax.jit(fn)
 
 
-def make_update_step(graphdef, tx: optax.GradientTransformation, rl):
+def make_update_step(
+    graphdef,
+    tx: optax.GradientTransformation,
+    *,
+    temperature: float,
+    beta: float,
+    epsilon: float,
+    epsilon_high: float | None,
+    aggregation: str,
+):
     """jit (state, batch) -> (state, metrics): one optimizer step on -J (``grpo.grpo_loss``)."""
 
     def loss_fn(params, rest, batch):
         model = nnx.merge(graphdef, params, rest, copy=True)
-        logp, entropy = grpo.sequence_logprobs(model, batch["tokens"], rl.temperature)  # [b, L-1]
+        logp, entropy = grpo.sequence_logprobs(model, batch["tokens"], temperature)  # [b, L-1]
         old = batch["old_logp"] if "old_logp" in batch else jax.lax.stop_gradient(logp)
         out = grpo.grpo_loss(
             logp,
@@ -45,10 +54,10 @@ def make_update_step(graphdef, tx: optax.GradientTransformation, rl):
             batch["advantages"],
             batch["mask"],
             ref_logp=batch.get("ref_logp"),
-            beta=rl.beta,
-            eps_low=rl.epsilon,
-            eps_high=rl.epsilon_high,
-            aggregation=rl.aggregation,
+            beta=beta,
+            eps_low=epsilon,
+            eps_high=epsilon_high,
+            aggregation=aggregation,
         )
         n = jnp.maximum(jnp.sum(batch["mask"]), 1.0)
         metrics = {

@@ -19,12 +19,14 @@ through the sampler yet).
 
 from __future__ import annotations
 
+import functools
 import json
 import signal
 import time
 from typing import Callable, Optional
 
 import jax
+import ml_collections
 import numpy as np
 from flax import nnx
 
@@ -50,8 +52,30 @@ def _init_state(cfg, tx, seed: int, rl) -> tuple:
     state = {k: s[k] for k in ("step", "params", "opt_state", "rest", "skipped")}
     state["rng"] = jax.random.key_data(jax.random.key(rl.seed))
     if rl.beta:
-        state["ref"] = {"params": s["params"], "rest": s["rest"]}
+        state["ref"] = _frozen_copy(s["params"], s["rest"])
     return graphdef, state
+
+
+@functools.lru_cache(maxsize=4)
+def _compiled(graphdef, optimizer_json: str, steps: int, temperature, beta, epsilon, epsilon_high, aggregation):
+    """The jitted update and log-prob functions, reused by a later run of the same settings in this
+    process (a resume, a test): their compilation is most of a short run's time."""
+    tx = make_optimizer(ml_collections.ConfigDict(json.loads(optimizer_json)), steps)
+    update = make_update_step(
+        graphdef,
+        tx,
+        temperature=temperature,
+        beta=beta,
+        epsilon=epsilon,
+        epsilon_high=epsilon_high,
+        aggregation=aggregation,
+    )
+    return update, make_logprob_fn(graphdef, temperature)
+
+
+def _frozen_copy(params, rest) -> dict:
+    """The reference: its own buffers (the update step donates the policy's)."""
+    return jax.tree.map(lambda x: x.copy(), {"params": params, "rest": rest})
 
 
 def _load_policy(path: str, cfg, tx, seed: int) -> tuple:
@@ -144,11 +168,19 @@ def _train(config, workdir, cfg, tokenizer, task, weights, on_step) -> dict:
             params, rest = _load_policy(rl.init_checkpoint, cfg, tx, tc.seed)
             state = {**state, "params": params, "rest": rest, "opt_state": tx.init(params)}
             if "ref" in state:
-                state["ref"] = {"params": params, "rest": rest}
+                state["ref"] = _frozen_copy(params, rest)
             writer.log(f"Policy and reference initialised from {rl.init_checkpoint}")
 
-    update = make_update_step(graphdef, tx, rl)
-    logprobs = make_logprob_fn(graphdef, rl.temperature)
+    update, logprobs = _compiled(
+        graphdef,
+        config.optimizer.to_json(),
+        tc.steps,
+        rl.temperature,
+        rl.beta,
+        rl.epsilon,
+        rl.epsilon_high,
+        rl.aggregation,
+    )
     eos, g, p = tokenizer.eos_id, rl.group_size, rl.prompts_per_step
     encode = lambda text: [tokenizer.bos_id] + tokenizer.encode(text).tolist()
     decode = lambda ids: tokenizer.decode([t for t in ids if t != eos])

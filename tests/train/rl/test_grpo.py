@@ -137,8 +137,8 @@ def test_training_forward_logprobs_equal_the_samplers():
         np.testing.assert_allclose(got, res.logprobs[i], atol=1e-4, rtol=0)
     assert np.all(np.asarray(ent) > 0)
     # and at T = 0.7 the learner divides by the same temperature
-    res7 = generation.generate_details(model, prompts, max_new_tokens=6, temperature=0.7, seed=1)
-    rows7 = np.zeros((len(prompts), 12), np.int32)
+    res7 = generation.generate_details(model, prompts, max_new_tokens=12, temperature=0.7, seed=1)
+    rows7 = np.zeros((len(prompts), 20), np.int32)
     for i, (p, c) in enumerate(zip(prompts, res7.tokens)):
         rows7[i, : len(p) + len(c)] = p + c
     lp7, _ = grpo.sequence_logprobs(model, jnp.asarray(rows7), temperature=0.7)
