@@ -43,4 +43,5 @@ def get_config():
     c.train.eval_batches = 2
     c.optimizer.lr = 3e-3
     c.optimizer.warmup_steps = 20
+    c.optimizer.schedule = "constant"
     return c

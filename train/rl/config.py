@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -26,6 +28,8 @@ def default_rl_config() -> ml_collections.ConfigDict:
     c.jsonl_path = ""
     # Rewards (train/rl/rewards.py) and their weights: "name=weight,...".
     c.rewards = "correct=1.0,format=0.1"
+    # Python modules imported first (comma-separated), e.g. "my_rewards": where your @rewards.register functions live.
+    c.reward_modules = ""
     # Prompts per step, and G completions sampled per prompt (the group; >= 2).
     c.prompts_per_step = 8
     c.group_size = 8
@@ -84,4 +88,9 @@ def check_rl_config(rl) -> dict[str, float]:
     for name, ok, want in checks:
         if not ok:
             raise ValueError(f"rl.{name} must be {want}, got {rl[name]!r}")
+    for name in filter(None, (m.strip() for m in rl.reward_modules.split(","))):
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise ValueError(f"rl.reward_modules: cannot import {name!r} ({e})") from None
     return rewards.parse_weights(rl.rewards)

@@ -106,3 +106,25 @@ def test_sft_corpus(tmp_path):
     assert glob.endswith("*.jsonl") and len(lines) == 30
     assert tasks.sft_text(t.example("train", 0)) in lines
     assert lines[0].startswith("Q: ") and lines[0].endswith("</answer>")
+
+
+def test_reward_modules_register_user_rewards(tmp_path, monkeypatch):
+    from train.rl.config import check_rl_config, default_rl_config
+
+    (tmp_path / "my_rewards_t9.py").write_text(
+        "from train.rl import rewards\n\n@rewards.register('short_t9')\ndef short(c, ex):\n    return float(len(c) < 5)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rl = default_rl_config()
+    rl.rewards = "correct=1,short_t9=0.5"
+    with pytest.raises(ValueError, match="unknown reward 'short_t9'"):
+        check_rl_config(rl)
+    rl.reward_modules = "my_rewards_t9"
+    try:
+        assert check_rl_config(rl) == {"correct": 1.0, "short_t9": 0.5}
+        assert rewards.REWARDS["short_t9"]("abc", None) == 1.0
+    finally:
+        rewards.REWARDS.pop("short_t9", None)
+    rl.reward_modules = "no_such_module_t9"
+    with pytest.raises(ValueError, match="cannot import 'no_such_module_t9'"):
+        check_rl_config(rl)
