@@ -15,6 +15,7 @@ from train.rl.config import default_rl_config
 
 def get_config():
     c = shrink(build("moe_tiny"))
+    c.data.seq_len = 64  # unused by GRPO (rollout rows are prompt + max_new_tokens), kept <= model.max_seq_len
     # GRPO settings (train/rl/config.py documents every field).
     c.rl = default_rl_config()
     c.rl.init_checkpoint = "runs/sft_arith/checkpoints"

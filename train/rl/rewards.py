@@ -16,6 +16,8 @@ reward is the weighted sum. Built in:
                whitespace) or "countdown" (an expression of + - * / and parentheses using each given
                number exactly once that evaluates to the target). No tag = an unparsable answer:
                reward 0, counted in the ``unparsed`` metric.
+* ``digits``   partial credit: the fraction of the answer's characters equal to the reference's,
+               right-aligned (a dense signal when exact answers are rare; 0 for non-"exact" tasks).
 * ``format``   1 if the whole completion is one ``<answer>...</answer>`` (surrounding whitespace allowed).
 
 A reward function that raises stops the run with ``RewardError`` naming the function, the step and the
@@ -89,6 +91,17 @@ VERIFIERS: dict[str, Callable[[str, object], bool]] = {
 def correct(completion: str, example) -> float:
     answer = parse_answer(completion)
     return 0.0 if answer is None else float(VERIFIERS[example.kind](answer, example))
+
+
+@register("digits")
+def digits(completion: str, example) -> float:
+    """Partial credit for "exact" answers: the fraction of characters that match the reference,
+    right-aligned (units with units), over the longer of the two; 0 without an answer tag."""
+    answer, ref = parse_answer(completion), example.answer.strip()
+    if answer is None or example.kind != "exact":
+        return 0.0
+    n = max(len(answer), len(ref), 1)
+    return sum(a == b for a, b in zip(answer[::-1], ref[::-1])) / n
 
 
 @register("format")

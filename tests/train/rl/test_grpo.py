@@ -11,6 +11,7 @@ from model.transformer import Transformer
 from tests.tolerances import assert_close
 from tests.util import tiny_config
 from train.rl import grpo
+from train.rl.step import make_logprob_fn
 
 
 def test_advantages_by_hand_with_a_zero_variance_group():
@@ -123,7 +124,7 @@ def test_mu1_beta0_gradient_is_reinforce_with_group_baseline(scale):
 def test_training_forward_logprobs_equal_the_samplers():
     """Temperature 1: the learner's log pi(o_t | prefix) from one full forward equals what the
     cached sampler reported while drawing o_t, to 1e-4."""
-    cfg = tiny_config()
+    cfg = tiny_config(n_layers=2, mtp_depth=0)  # 1 dense + 1 MoE block: the sampler's paths, compiled quickly
     model = Transformer(cfg, rngs=nnx.Rngs(3))
     prompts = [[1, 5, 9, 2], [7, 3], [4, 4, 4, 4, 4, 8]]
     res = generation.generate_details(model, prompts, max_new_tokens=12, temperature=1.0, seed=5)
@@ -131,16 +132,26 @@ def test_training_forward_logprobs_equal_the_samplers():
     rows = np.zeros((len(prompts), width), np.int32)
     for i, (p, c) in enumerate(zip(prompts, res.tokens)):
         rows[i, : len(p) + len(c)] = p + c
-    lp, ent = grpo.sequence_logprobs(model, jnp.asarray(rows), temperature=1.0)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    lp = make_logprob_fn(graphdef, 1.0)(params, rest, jnp.asarray(rows))  # the trainer's jitted forward
     for i, (p, c) in enumerate(zip(prompts, res.tokens)):
         got = np.asarray(lp[i, len(p) - 1 : len(p) - 1 + len(c)])
         np.testing.assert_allclose(got, res.logprobs[i], atol=1e-4, rtol=0)
-    assert np.all(np.asarray(ent) > 0)
     # and at T = 0.7 the learner divides by the same temperature
     res7 = generation.generate_details(model, prompts, max_new_tokens=12, temperature=0.7, seed=1)
     rows7 = np.zeros((len(prompts), 20), np.int32)
     for i, (p, c) in enumerate(zip(prompts, res7.tokens)):
         rows7[i, : len(p) + len(c)] = p + c
-    lp7, _ = grpo.sequence_logprobs(model, jnp.asarray(rows7), temperature=0.7)
+    lp7 = make_logprob_fn(graphdef, 0.7)(params, rest, jnp.asarray(rows7))
     for i, (p, c) in enumerate(zip(prompts, res7.tokens)):
         np.testing.assert_allclose(lp7[i, len(p) - 1 : len(p) - 1 + len(c)], res7.logprobs[i], atol=1e-4, rtol=0)
+
+
+def test_token_logprobs_and_entropy_by_hand():
+    p = np.array([0.5, 0.25, 0.25])
+    lp, ent = grpo.token_logprobs(np.log(p)[None, None], np.array([[1]]))
+    assert float(lp[0, 0]) == pytest.approx(np.log(0.25), rel=1e-6)
+    assert float(ent[0, 0]) == pytest.approx(-(p * np.log(p)).sum(), rel=1e-6)
+    q = np.sqrt(p) / np.sqrt(p).sum()  # softmax(log p / 2)
+    lp2, _ = grpo.token_logprobs(np.log(p)[None, None], np.array([[0]]), temperature=2.0)
+    assert float(lp2[0, 0]) == pytest.approx(np.log(q[0]), rel=1e-6)

@@ -14,6 +14,12 @@ def test_correct_and_format_rewards():
     assert rewards.correct("<answer> 5 </answer> trailing", ex) == 1.0
     assert rewards.correct("<answer>6</answer>", ex) == 0.0
     assert rewards.format_reward("<answer>6</answer>", ex) == 1.0
+    big = tasks.Example("", "127", "exact")
+    assert rewards.digits("<answer>127</answer>", big) == 1.0
+    assert rewards.digits("<answer>121</answer>", big) == pytest.approx(2 / 3)
+    assert rewards.digits("<answer>27</answer>", big) == pytest.approx(2 / 3)  # right-aligned: 2, 7 match
+    assert rewards.digits("<answer>1270</answer>", big) == 0.0
+    assert rewards.digits("127", big) == 0.0
     assert rewards.format_reward("<answer>5</answer> trailing", ex) == 0.0
     total, per, unparsed = rewards.score(
         ["<answer>5</answer>", "5", "<answer>5</answer>x", "<answer>4"], [ex] * 4, {"correct": 1.0, "format": 0.5}, 0

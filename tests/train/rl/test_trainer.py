@@ -21,7 +21,7 @@ def tiny_rl(**rl):
     m.q_lora_rank, m.kv_lora_rank, m.n_heads, m.max_seq_len, m.mtp_depth = 16, 16, 2, 64, 0
     m.n_routed_experts, m.n_experts_per_tok, m.n_group, m.topk_group = 4, 2, 2, 1
     c.rl = default_rl_config()
-    c.rl.update(dict(prompts_per_step=2, group_size=4, max_new_tokens=6, eval_prompts=4, eval_every=100, digits=1))
+    c.rl.update(dict(prompts_per_step=2, group_size=4, max_new_tokens=6, eval_prompts=8, eval_every=100, digits=1))
     c.rl.update(rl)
     c.train.update(dict(steps=4, checkpoint_every=2, async_checkpoint=False, progress=False, tensorboard=False))
     c.optimizer.update(dict(lr=1e-2, warmup_steps=0, schedule="constant"))
