@@ -5,7 +5,10 @@
 trains a small DeepSeek-V3-shaped model (byte tokenizer) on documents "Q: 37+45\\nA: <answer>82</answer>"
 from the arithmetic task's train split (``train/rl/tasks.py``). Loading this config writes that corpus
 once, deterministically, to runs/data/ under the repository root (10 JSONL files; data.val_percent
-holds one out for the eval loss). Step (2) is configs/grpo_arith_tiny.py.
+holds one out for the eval loss). Step (2) is configs/grpo_arith_tiny.py. Measured (2-core CPU,
+loaded, docs/benchmarks.md "GRPO"): ~4 min, eval loss ~0.36 nats/token, the answer format always
+right but held-out greedy accuracy only ~5-10%: this model does not learn 2-digit addition in
+1,500 steps.
 """
 
 import os
@@ -36,10 +39,10 @@ def get_config():
     c.data.format = "jsonl"
     c.data.seq_len = 64
     c.data.val_percent = 10
-    c.train.steps = 150
+    c.train.steps = 1500
     c.train.global_batch_size = 16
-    c.train.eval_every = 50
-    c.train.checkpoint_every = 50
+    c.train.eval_every = 500
+    c.train.checkpoint_every = 500
     c.train.eval_batches = 2
     c.optimizer.lr = 3e-3
     c.optimizer.warmup_steps = 20
