@@ -64,11 +64,7 @@ def default_rl_config() -> ml_collections.ConfigDict:
 
 def check_rl_config(rl) -> dict[str, float]:
     """Refuses bad values with one line each; returns the parsed reward weights."""
-    if rl.group_size < 2:
-        raise ValueError(
-            f"rl.group_size={rl.group_size}: GRPO's advantage r_i - mean(group) is 0 for a group of one "
-            f"(no baseline, no signal); use >= 2 samples per prompt"
-        )
+    grpo.check_group_size(rl.group_size)
     checks = [
         ("prompts_per_step", rl.prompts_per_step >= 1, ">= 1"),
         ("updates_per_batch", rl.updates_per_batch >= 1, ">= 1"),

@@ -39,13 +39,17 @@ SCALES = ("std", "none")
 AGGREGATIONS = ("sequence", "token")
 
 
-def group_advantages(rewards: jax.Array, group_size: int, scale: str = "std", eps: float = 1e-4) -> jax.Array:
-    """rewards [b] (b = prompts * G, prompt-major) -> advantages A [b] f32 (module doc)."""
+def check_group_size(group_size: int) -> None:
     if group_size < 2:
         raise ValueError(
             f"rl.group_size={group_size}: GRPO's advantage r_i - mean(group) is 0 for a group of one "
             f"(no baseline, no signal); use >= 2 samples per prompt"
         )
+
+
+def group_advantages(rewards: jax.Array, group_size: int, scale: str = "std", eps: float = 1e-4) -> jax.Array:
+    """rewards [b] (b = prompts * G, prompt-major) -> advantages A [b] f32 (module doc)."""
+    check_group_size(group_size)
     if scale not in SCALES:
         raise ValueError(f"rl.scale_rewards must be one of {SCALES}, got {scale!r}")
     if rewards.shape[0] % group_size:
