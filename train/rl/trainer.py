@@ -161,6 +161,8 @@ def _train(config, workdir, cfg, tokenizer, task, weights, on_step) -> dict:
         _, state, data_state, _ = restored
         next_prompt = int(data_state["next_prompt"])
         writer.log(f"Resumed from {ckpt.directory}/{start_step}")
+        if changes:
+            writer.log(f"Config changed since that checkpoint (run_info.json): {provenance.format_changes(changes)}")
     else:
         _, state = _init_state(cfg, tx, tc.seed, rl)
         next_prompt = 0
