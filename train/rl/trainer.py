@@ -151,9 +151,12 @@ def _train(config, workdir, cfg, tokenizer, task, weights, on_step) -> dict:
         print(f"{workdir} holds a finished run (step {start_step}): nothing to do, nothing changed.", flush=True)
         return done
     changes = {} if restored is None else provenance.config_changes(restored[3].get("config", {}), config_json)
-    writer = MetricWriter(
-        workdir, total_steps=tc.steps, start_step=start_step, enable_tensorboard=tc.tensorboard, console=tc.progress
+    # The trackers as train/trainer.py feeds them: ``train.tracker`` where the config has it (it replaced
+    # ``train.tensorboard``); this branch predates that change, so both are accepted until the merge.
+    tracking = (
+        {"tracker": tc.tracker, "config": config_json} if "tracker" in tc else {"enable_tensorboard": tc.tensorboard}
     )
+    writer = MetricWriter(workdir, total_steps=tc.steps, start_step=start_step, console=tc.progress, **tracking)
     provenance.write_run_info(
         workdir, config.to_dict(), start_step=start_step, changes=changes, superseded_lines=writer.superseded
     )
