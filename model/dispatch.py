@@ -13,9 +13,14 @@ in all; destination j's block holds its kept assignments sorted by expert, then 
 
 ``gather`` fills the buffer from the tokens, the grouped matmul runs on it (``group_sizes``: kept
 rows per expert), ``scatter_back`` reads each assignment's result back (zero if not computed).
-Only int vectors are scattered; the [rows, d] activations move by gathers.
+Only int vectors are scattered; the [rows, d] activations move by gathers, in the backward too:
+``src`` and ``slot`` are inverse maps (buffer row <-> assignment), so the transpose of each gather
+is a gather by the other map (``custom_vjp``), where autodiff would scatter-add into a zeroed
+[rows, d] buffer (memory the scheduler may allocate long before it is used). The plain
+``.at[].get`` forms, differentiated by JAX, are the references (``*_reference``).
 """
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -72,11 +77,57 @@ def plan(ids: jax.Array, valid: jax.Array, n_experts: int, n_dest: int, capacity
     return Plan(src, slot, local, kept, dropped)
 
 
-def gather(x: jax.Array, src: jax.Array, k: int) -> jax.Array:
-    """Buffer rows from token rows: x [m, d], src [r] -> [r, d] (empty rows, src = m*k, are zero)."""
-    return x.at[src // k].get(mode="fill", fill_value=0)
+def _take(x: jax.Array, idx: jax.Array) -> jax.Array:
+    """Rows x[idx] with zeros for out-of-range idx: x [n, d], idx [r] -> [r, d]."""
+    return x.at[idx].get(mode="fill", fill_value=0)
 
 
-def scatter_back(y: jax.Array, slot: jax.Array) -> jax.Array:
-    """Each assignment's result: y [r, d] buffer rows, slot [m*k] -> [m*k, d] (zero if not computed)."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def gather(x: jax.Array, src: jax.Array, slot: jax.Array, k: int) -> jax.Array:
+    """Buffer rows from token rows: x [m, d] -> [r, d], row i = x[src[i] // k] (zero for empty rows,
+    src = m*k). ``slot`` (the inverse map) is used by the backward only."""
+    return _take(x, src // k)
+
+
+def _gather_fwd(x, src, slot, k):
+    return gather(x, src, slot, k), (src, slot)
+
+
+def _gather_bwd(k, res, g):
+    src, slot = res
+    m = slot.shape[0] // k
+    # d x[t] = sum_j g[slot[t*k + j]] over the token's k assignments (zero for those not computed)
+    dx = _take(g, slot).reshape(m, k, g.shape[-1]).sum(1, dtype=jnp.float32)  # [m, d]
+    return dx.astype(g.dtype), None, None
+
+
+gather.defvjp(_gather_fwd, _gather_bwd)
+
+
+@jax.custom_vjp
+def scatter_back(y: jax.Array, src: jax.Array, slot: jax.Array) -> jax.Array:
+    """Each assignment's result: y [r, d] buffer rows -> [m*k, d], row a = y[slot[a]] (zero if not
+    computed). ``src`` (the inverse map) is used by the backward only."""
+    return _take(y, slot)
+
+
+def _scatter_back_fwd(y, src, slot):
+    return scatter_back(y, src, slot), (src, slot)
+
+
+def _scatter_back_bwd(res, g):
+    src, _ = res
+    return _take(g, src), None, None  # d y[i] = g[src[i]]: slot is one-to-one, empty rows get 0
+
+
+scatter_back.defvjp(_scatter_back_fwd, _scatter_back_bwd)
+
+
+def gather_reference(x: jax.Array, src: jax.Array, k: int) -> jax.Array:
+    """``gather`` as plain jnp (JAX's own transpose: a scatter-add into zeros)."""
+    return _take(x, src // k)
+
+
+def scatter_back_reference(y: jax.Array, slot: jax.Array) -> jax.Array:
+    """``scatter_back`` as plain jnp."""
     return y.at[slot].get(mode="fill", fill_value=0, unique_indices=True)

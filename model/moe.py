@@ -52,8 +52,8 @@ def _remote_experts(cfg: ModelConfig, ep: moe_ep.ExpertParallel, x_buf, expert, 
     recv = moe_ep.exchange(x_buf, ep)  # [n*R, d] rows from every source
     recv_e = moe_ep.exchange(expert, ep)  # [n*R] their local expert (e_local = empty)
     q = dispatch.plan(recv_e[:, None], recv_e < e_local, e_local, 1, None, recv_e.shape[0])
-    y = expert_swiglu(cfg, dispatch.gather(recv, q.src, 1), q.group_sizes, *weights)  # sorted by expert
-    y = moe_ep.psum_mlp(dispatch.scatter_back(y, q.slot), ep)  # [n*R, d] in received order
+    y = expert_swiglu(cfg, dispatch.gather(recv, q.src, q.slot, 1), q.group_sizes, *weights)  # sorted by expert
+    y = moe_ep.psum_mlp(dispatch.scatter_back(y, q.src, q.slot), ep)  # [n*R, d] in received order
     return moe_ep.exchange(y, ep)  # [n*R, d] my buffer's results
 
 
@@ -68,14 +68,14 @@ def routed(cfg: ModelConfig, capacity_factor, ep, x, valid, w_router, bias, w_ga
     n = 1 if ep is None else ep.n
     cap = dispatch.expert_capacity(capacity_factor, m, k, e)
     p = dispatch.plan(r.ids, v, e, n, cap, dispatch.buffer_rows(m, k, e, n, cap))
-    x_buf = dispatch.gather(xt, p.src, k)  # [n*R, d]
+    x_buf = dispatch.gather(xt, p.src, p.slot, k)  # [n*R, d]
     weights = (w_gate, w_up, w_down)
     if n > 1:
         y_buf = _remote_experts(cfg, ep, x_buf, p.local_expert, weights)
     else:
         y_buf = expert_swiglu(cfg, x_buf, p.group_sizes, *weights)  # [R, d]
         y_buf = y_buf if ep is None else moe_ep.psum_mlp(y_buf, ep)
-    y = dispatch.scatter_back(y_buf, p.slot).reshape(m, k, d)  # [m, k, d]
+    y = dispatch.scatter_back(y_buf, p.src, p.slot).reshape(m, k, d)  # [m, k, d]
     out = jnp.einsum("mkd,mk->md", y.astype(jnp.float32), r.gates)  # [m, d] f32
     stats = (*sequence_balance_terms(r.ids.reshape(b, t, k), r.scores.reshape(b, t, e), valid, e), p.dropped, r.load)
     if ep is not None:
