@@ -7,8 +7,8 @@ for the state, ``sharded_train_step`` with the state's shardings, ``sharding.glo
 
 Gradients are compared directly, per tensor (Adam's update is nearly lr * sign(g), so parameters
 after a few steps do not see a constant scale error in a gradient, e.g. a doubled psum in a
-``shard_map`` backward): ``record_grads`` in front of the optimizer keeps each step's raw gradients
-in the optimizer state. The first two steps' gradients are taken at identical parameters (lr 0 at
+``shard_map`` backward): ``mesh_run.record_grads`` in front of the optimizer keeps each step's raw
+gradients in the optimizer state. The first two steps' gradients are taken at identical parameters (lr 0 at
 step 0), so they are compared at f32's composite tolerance, and also by each tensor's relative
 error norm, which does not let a tensor of small gradients hide under the absolute tolerance. The
 balance-loss term (alpha = 1e-4 of the loss) is compared at its own scale, divided by alpha.
@@ -20,20 +20,12 @@ composite tolerance instead of at moe_tiny's full lr.
 """
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
 import pytest
 
 from configs import moe_tiny
-from model.config import ModelConfig
 from tests import hlo
 from tests.tolerances import assert_close
-from train import sharding
-from train.optimizer import make_optimizer
-from train.state import abstract_state, init_state
-from train.step import sharded_train_step
-from train.synthetic import synthetic_batches as _synthetic
+from tests.train.mesh_run import leaves, relative_error, run_steps
 
 MESHES = [
     dict(data=8),
@@ -61,56 +53,15 @@ def small_config(**mesh):
     return c
 
 
-def synthetic_batches(c, n: int, seed: int = 0) -> list[dict]:
-    return _synthetic(c.train.global_batch_size, c.data.seq_len, n, seed)
-
-
-def record_grads() -> optax.GradientTransformation:
-    """Passes the gradients through unchanged and keeps the last ones as its state."""
-    return optax.GradientTransformation(
-        lambda params: jax.tree.map(jnp.zeros_like, params), lambda grads, state, params=None: (grads, grads)
-    )
-
-
 _RUNS = {}
 
 
 def train(**mesh_sizes) -> dict:
     """STEPS steps on ``mesh_sizes`` (memoised: the HLO test reuses the EP run's compilation)."""
     key = tuple(sorted(mesh_sizes.items()))
-    if key in _RUNS:
-        return _RUNS[key]
-    c = small_config(**mesh_sizes)
-    mesh = sharding.make_mesh(c.mesh)
-    cfg = ModelConfig.from_dict(c.model.to_dict())
-    sharding.check_fits(dict(zip(mesh.axis_names, mesh.axis_sizes)), cfg, global_batch_size=c.train.global_batch_size)
-    tx = optax.chain(record_grads(), make_optimizer(c.optimizer, c.train.steps))
-    graphdef, abstract = abstract_state(cfg, tx, c.train.seed)
-    state_sh = sharding.tree_shardings(abstract, mesh)
-    state = sharding.create(lambda: init_state(cfg, tx, c.train.seed)[1], state_sh, mesh)
-    step = sharded_train_step(graphdef, tx, c.train, mesh, state_sh, donate=False)
-    batches = [sharding.global_batch(b, mesh) for b in synthetic_batches(c, STEPS)]
-    compiled = step.lower(state, batches[0]).compile()
-    metrics, grads = [], []
-    for b in batches:
-        with jax.set_mesh(mesh):
-            state, m = compiled(state, b)
-        metrics.append({k: float(v) for k, v in m.items() if np.ndim(v) == 0})
-        grads.append(jax.tree.map(np.asarray, state["opt_state"][0]))
-    _RUNS[key] = dict(
-        metrics={k: np.array([m[k] for m in metrics]) for k in metrics[0]},
-        grads=grads[:GRAD_STEPS],
-        alpha=c.train.balance_loss_alpha,
-        mesh=mesh,
-        hlo=compiled.as_text(),
-        params=jax.tree.map(np.asarray, state["params"]),
-        rest=jax.tree.map(np.asarray, state["rest"]),
-    )
+    if key not in _RUNS:
+        _RUNS[key] = run_steps(small_config(**mesh_sizes), STEPS, GRAD_STEPS)
     return _RUNS[key]
-
-
-def _leaves(tree):
-    return [(jax.tree_util.keystr(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 @pytest.mark.parametrize("mesh", MESHES, ids=lambda m: ",".join(f"{k}={v}" for k, v in m.items()))
@@ -118,17 +69,17 @@ def test_matches_single_device(mesh):
     ref, got = train(), train(**mesh)
     assert got["metrics"]["dropped_tokens"].tolist() == [0.0] * STEPS
     for step, (g, g_ref) in enumerate(zip(got["grads"], ref["grads"])):
-        for (path, a), (_, b) in zip(_leaves(g), _leaves(g_ref)):
+        for (path, a), (_, b) in zip(leaves(g), leaves(g_ref)):
             where = f"step {step} grad {path}"
             assert_close(a, b, composite=True, err_msg=where)
-            assert np.linalg.norm(a - b) <= 1e-4 * np.linalg.norm(b), (where, np.linalg.norm(a - b) / np.linalg.norm(b))
+            assert relative_error(a, b) <= 1e-4, (where, relative_error(a, b))
     m, m_ref = got["metrics"], ref["metrics"]
     for name in ("grad_norm", "loss", "main_loss", "mtp_loss"):
         assert_close(m[name], m_ref[name], composite=True, err_msg=name)
     # The balance term at its own scale: alpha * L_bal with L_bal ~ 1 (eq. 17-20).
     assert_close(m["balance_loss"] / got["alpha"], m_ref["balance_loss"] / ref["alpha"], composite=True)
     assert m_ref["mtp_loss"].min() > 0 and m_ref["balance_loss"].min() > 0
-    for (path, a), (_, b) in zip(_leaves(got["params"]), _leaves(ref["params"])):
+    for (path, a), (_, b) in zip(leaves(got["params"]), leaves(ref["params"])):
         assert_close(a, b, composite=True, err_msg=path)
     # Router biases moved by the global-batch loads: identical on every device, equal to 1 device.
     for a, b in zip(jax.tree.leaves(got["rest"]), jax.tree.leaves(ref["rest"])):
