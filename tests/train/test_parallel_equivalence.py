@@ -99,7 +99,7 @@ def test_expert_parallel_hlo_uses_all_to_all_and_keeps_experts_sharded():
     tokens = [c for c in a2a if any(dims[-1:] == (d_model,) for _, dims in c.outputs)]
     assert tokens, f"no all-to-all of [rows, d_model={d_model}] activations: {[c.text[:160] for c in a2a]}"
     assert all(c.groups == expert_groups for c in tokens), [c.groups for c in tokens]
-    full = run["params"]["moe_blocks"][0]["mlp"]["w_gate"].get_value().shape  # (16, 64, 128)
+    full = run["params"]["moe_blocks"][0]["mlp"]["w_gate"].get_value().shape  # [e, d, f]
     dims = {full, (full[0], full[2], full[1])}  # w_gate / w_up, w_down
     gathered = [c.text[:200] for c in ops if c.op == "all-gather" and dims & {d for _, d in c.outputs}]
     assert not gathered, f"full routed-expert weights all-gathered: {gathered}"
