@@ -9,11 +9,32 @@ from model.dispatch import expert_capacity
 from model.router import route
 
 
-def dense_moe_reference(moe, x: jax.Array, segment_ids: jax.Array, *, train: bool = False) -> tuple[jax.Array, int]:
-    """Same inputs as ``MoE.__call__`` on one device; returns (y [b, t, d], dropped count).
+def kept_assignments(ids: np.ndarray, valid: np.ndarray, n_experts: int, capacity: int | None, shards: int = 1):
+    """First come, first served: which (token, slot) assignments are computed. ids [m, k] experts,
+    valid [m] bool -> keep [m, k] bool. The m tokens are ``shards`` consecutive blocks (the devices
+    of an expert-parallel mesh, each holding its own rows); each block walks its assignments in
+    token order, slot order, and an expert keeps the first ``capacity`` of them (None: all)."""
+    m, k = ids.shape
+    keep = np.zeros((m, k), bool)
+    for block in np.split(np.arange(m), shards):
+        used = np.zeros(n_experts, int)
+        for tok in block:
+            for slot in range(k):
+                ex = ids[tok, slot]
+                if valid[tok] and (capacity is None or used[ex] < capacity):
+                    keep[tok, slot] = True
+                    used[ex] += 1
+    return keep
 
-    With ``train`` and a capacity factor, capacity is applied by walking the assignments in token
-    order, slot order.
+
+def dense_moe_reference(
+    moe, x: jax.Array, segment_ids: jax.Array, *, train: bool = False, shards: int = 1
+) -> tuple[jax.Array, int]:
+    """Same inputs as ``MoE.__call__``; returns (y [b, t, d], dropped count).
+
+    With ``train`` and a capacity factor, capacity is applied by ``kept_assignments``: on one device
+    (``shards=1``), or as on an expert-parallel mesh whose batch axes split the b rows into
+    ``shards`` blocks, each device applying the capacity of its own b/shards rows.
     """
     cfg = moe.cfg
     b, t, d = x.shape
@@ -23,17 +44,8 @@ def dense_moe_reference(moe, x: jax.Array, segment_ids: jax.Array, *, train: boo
     logits = xt @ moe.router.weight[...]
     r = route(logits, moe.router.bias[...], cfg.replace(kernels_impl="scan"))
     ids = np.asarray(r.ids)
-    keep = np.zeros(ids.shape, bool)
-    cap = expert_capacity(cfg.capacity_factor if train else None, m, cfg.n_experts_per_tok, e)
-    used = np.zeros(e, int)
-    for tok in range(m):
-        for slot in range(ids.shape[1]):
-            if not valid[tok]:
-                continue
-            ex = ids[tok, slot]
-            if cap is None or used[ex] < cap:
-                keep[tok, slot] = True
-                used[ex] += 1
+    cap = expert_capacity(cfg.capacity_factor if train else None, m // shards, cfg.n_experts_per_tok, e)
+    keep = kept_assignments(ids, valid, e, cap, shards)
     dropped = int(valid.sum() * ids.shape[1] - keep.sum())
     out = jnp.zeros((m, d), jnp.float32)
     for ex in range(e):
