@@ -61,6 +61,22 @@ class MetricWriter:
     step's. Only process 0 writes; on other processes every method is a no-op.
     """
 
+    @classmethod
+    def for_run(cls, workdir, train_config, *, start_step: int, config: dict) -> "MetricWriter":
+        """The writer of a run from its ``config.train`` section (tracker, wandb project, per-layer
+        cadence, console bar), as every trainer builds it."""
+        tc = train_config
+        return cls(
+            workdir,
+            total_steps=tc.steps,
+            start_step=start_step,
+            tracker=tc.tracker,
+            config=config,
+            wandb_project=tc.wandb_project,
+            per_layer_every=tc.log_expert_load_every,
+            console=tc.progress,
+        )
+
     def __init__(
         self,
         workdir,

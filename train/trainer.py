@@ -159,16 +159,7 @@ def _train_and_evaluate(config, workdir, mesh, cfg, tokenizer, on_step) -> dict:
         return done
     changes = {} if restored is None else provenance.config_changes(restored[3].get("config", {}), config_json)
 
-    writer = MetricWriter(
-        workdir,
-        total_steps=tc.steps,
-        start_step=start_step,
-        tracker=tc.tracker,
-        config=config_json,
-        wandb_project=tc.wandb_project,
-        per_layer_every=tc.log_expert_load_every,
-        console=tc.progress,
-    )
+    writer = MetricWriter.for_run(workdir, tc, start_step=start_step, config=config_json)
     provenance.write_run_info(
         workdir, config.to_dict(), start_step=start_step, changes=changes, superseded_lines=writer.superseded
     )

@@ -151,14 +151,7 @@ def _train(config, workdir, cfg, tokenizer, task, weights, on_step) -> dict:
         print(f"{workdir} holds a finished run (step {start_step}): nothing to do, nothing changed.", flush=True)
         return done
     changes = {} if restored is None else provenance.config_changes(restored[3].get("config", {}), config_json)
-    writer = MetricWriter(
-        workdir,
-        total_steps=tc.steps,
-        start_step=start_step,
-        console=tc.progress,
-        tracker=tc.tracker,
-        config=config_json,
-    )
+    writer = MetricWriter.for_run(workdir, tc, start_step=start_step, config=config_json)
     provenance.write_run_info(
         workdir, config.to_dict(), start_step=start_step, changes=changes, superseded_lines=writer.superseded
     )
