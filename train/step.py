@@ -17,7 +17,7 @@ from flax import nnx
 
 from model.balance import load_shape, max_violation, update_router_biases
 from model.loss import lm_losses, loss_token_counts, token_cross_entropy
-from train import sharding
+from train import memory, sharding
 
 
 def _split_micro(batch: dict, n: int) -> dict:
@@ -107,11 +107,13 @@ def sharded_train_step(
     graphdef, tx: optax.GradientTransformation, train_cfg, mesh, state_sh, *, donate: bool = True
 ) -> sharding.MeshJit:
     """``make_train_step`` jitted on ``mesh``: state in and out with ``state_sh``, the batch split over
-    the batch axes, metrics replicated; the input state is donated unless ``donate=False``."""
+    the batch axes, metrics replicated; the input state is donated unless ``donate=False``. On CPU
+    it is compiled with XLA:CPU's memory-minimising scheduler (``train/memory.py``)."""
     step = make_train_step(graphdef, tx, train_cfg, sharding.expert_parallel(mesh))
     return sharding.MeshJit(
         step,
         mesh,
+        compiler_options=memory.compiler_options(mesh.devices.flat[0].platform),
         donate_argnums=(0,) if donate else (),
         in_shardings=(state_sh, sharding.batch_sharding(mesh)),
         out_shardings=(state_sh, sharding.replicated(mesh)),

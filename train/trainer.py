@@ -29,8 +29,8 @@ from jax.experimental import multihost_utils
 
 from model.config import ModelConfig
 from train import data as data_lib
+from train import memory, provenance, sharding, tracker
 from train import paths as paths_lib
-from train import provenance, sharding, tracker
 from train import workdir as workdir_lib
 from train.checkpoint import Checkpointer
 from train.flops import model_flops_per_token
@@ -259,6 +259,9 @@ def _train_and_evaluate(config, workdir, mesh, cfg, tokenizer, on_step) -> dict:
             if step == start_step:
                 data_lib.check_token_ids(batch, cfg.vocab_size)
             batch = sharding.global_batch(batch, mesh)
+            if step == start_step:  # compile both steps, then free the compiler's heap before their buffers
+                memory.compile_ahead(train_step, state, batch)
+                memory.compile_ahead(eval_step, state["params"], state["rest"], eval_batches[0])
             profiler.before_step(step)
             t0 = time.perf_counter()
             state, metrics = train_step(state, batch)
