@@ -6,9 +6,9 @@ trains a small DeepSeek-V3-shaped model (byte tokenizer) on documents "Q: 37+45\
 from the arithmetic task's train split (``train/rl/tasks.py``). Loading this config writes that corpus
 once, deterministically, to runs/data/ under the repository root (10 JSONL files; data.val_percent
 holds one out for the eval loss). Step (2) is configs/grpo_arith_tiny.py. Measured (2-core CPU,
-loaded, docs/benchmarks.md "GRPO"): ~4 min, eval loss ~0.36 nats/token, the answer format always
-right but held-out greedy accuracy only ~5-10%: this model does not learn 2-digit addition in
-1,500 steps.
+loaded, docs/benchmarks.md "GRPO"): ~3 min, eval loss 0.341 nats/token, the answer format always
+right and 25% held-out greedy accuracy: a cold start that solves some problems, which GRPO then
+improves (trained on to 3,000 steps, the supervised stage alone reaches 96.5%).
 """
 
 import os
@@ -44,7 +44,7 @@ def get_config():
     c.train.eval_every = 500
     c.train.checkpoint_every = 500
     c.train.eval_batches = 2
-    c.optimizer.lr = 3e-3
+    c.optimizer.lr = 1e-3  # 3e-3 plateaus at ~5-10% held-out accuracy
     c.optimizer.warmup_steps = 20
     c.optimizer.schedule = "constant"
     return c

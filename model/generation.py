@@ -218,10 +218,14 @@ def generate_details(
     speculative: bool = False,
     stream_every: int = 0,
     on_tokens: Callable[[list], None] | None = None,
+    rows: jax.sharding.Sharding | None = None,
 ) -> Result:
     """Generate for every prompt in one batch. ``max_new_tokens``, ``temperature``, ``top_k``,
     ``top_p``: one value or one per prompt. ``stream_every`` > 0 with ``on_tokens``: the loop
-    returns to the host every that many steps and ``on_tokens(tokens so far, per row)`` is called."""
+    returns to the host every that many steps and ``on_tokens(tokens so far, per row)`` is called.
+    ``rows``: where the per-row inputs go (e.g. a training mesh's batch sharding, for a model whose
+    params live on that mesh: the rows, and so the cache, are split over its devices); the
+    prompt count must divide over it. None: the default device."""
     t0 = time.perf_counter()
     b = len(prompts)
     budgets = np.broadcast_to(np.asarray(max_new_tokens), (b,)) if b else np.zeros(0, int)
@@ -231,16 +235,17 @@ def generate_details(
     decode.check_request(model.cfg, prompts, most)
     if speculative and model.cfg.mtp_depth < 1:
         raise ValueError("speculative decoding drafts with the MTP module: the model has mtp_depth=0")
-    sampling = sampling_lib.make(b, temperature, top_k, top_p)
+    put = jnp.asarray if rows is None else (lambda x: jax.device_put(x, rows))
+    sampling = jax.tree.map(put, sampling_lib.make(b, temperature, top_k, top_p))
     t, total = decode.bucketed([len(p) for p in prompts], most, bucket, extra=1)
     tokens, lengths = decode.right_padded(prompts, t)
     graphdef, state = nnx.split(model)
-    budget, stops = jnp.asarray(budgets, jnp.int32), stop_array(stop_tokens)
+    budget, stops = put(np.asarray(budgets, np.int32)), stop_array(stop_tokens)
     loop = start(
         graphdef,
         state,
-        jnp.asarray(tokens),
-        jnp.asarray(lengths),
+        put(tokens),
+        put(lengths),
         budget,
         stops,
         sampling,

@@ -9,6 +9,10 @@ unigram baseline (``summary.json``'s ``unigram_bits_per_byte``, dotted); learnin
 norm (smoothed over faint raw, log scale); the sequence-wise balance loss; MaxVio (max over MoE
 layers, and their mean dashed). Several ``--workdir`` overlay their runs, one colour per run.
 
+``rl.png`` instead, for GRPO runs (``train.rl.main``; their metrics have ``reward_mean``): reward
+(total and per reward function), sampled and held-out greedy accuracy, completion length mean/max,
+KL and entropy (``plot_rl``).
+
 ``expert_load.png`` (``expert_load-<label>.png`` per run when several): at a fixed size whatever
 the depth (DeepSeek-V3's 58 MoE layers + MTP stay readable), one heatmap of MoE layers x experts:
 each expert's load over the mean load (1 = balanced; a diverging colour scale centred at 1),
@@ -91,7 +95,8 @@ def drop_superseded(rows) -> list[dict]:
 
 
 def _is_eval(row: dict) -> bool:
-    return any(k.startswith("eval_") for k in row)
+    """Eval lines share their step with a train line: the LM's ``eval_*``, GRPO's ``heldout_accuracy``."""
+    return any(k.startswith(("eval_", "heldout_")) for k in row)
 
 
 def _series(rows, key):
@@ -167,6 +172,43 @@ def plot_losses(runs: list[tuple[str, list[dict], dict]], out: epath.Path, *, sm
     fig.suptitle(" vs ".join(label for label, _, _ in runs))
     fig.tight_layout()
     return _save(fig, out / "loss.png")
+
+
+def plot_rl(runs: list[tuple[str, list[dict]]], out: epath.Path, *, smooth_weight=0.9):
+    """GRPO runs (``train/rl``): four panels against the step. Reward: the weighted total's mean and,
+    for one run, each reward function's mean (``reward/<name>_mean``, dashed). Accuracy: the sampled
+    completions' (smoothed over faint raw) and the held-out greedy accuracy as markers. Completion
+    length: mean (solid) and max (dotted). Policy: KL to the reference and per-token entropy."""
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    ax_rew, ax_acc, ax_len, ax_pol = axes.ravel()
+    single = len(runs) == 1
+    for i, (label, rows) in enumerate(runs):
+        c, name = f"C{i}", (lambda what: what if single else f"{label}: {what}")
+        _curve(ax_rew, _series(rows, "reward_mean"), c, name("total (weighted)"), smooth_weight)
+        fns = sorted({k[len("reward/") : -len("_mean")] for r in rows for k in r if re.fullmatch(r"reward/.+_mean", k)})
+        for j, fn in enumerate(fns if single else []):
+            _curve(ax_rew, _series(rows, f"reward/{fn}_mean"), f"C{j + 1}", fn, smooth_weight, "--", raw=False)
+        _curve(ax_acc, _series(rows, "accuracy"), c, name("sampled (train)"), smooth_weight)
+        held = _series(rows, "heldout_accuracy")
+        if held is not None:
+            ax_acc.plot(*held, "o-", color="C3" if single else c, ms=5, label=name("held-out greedy"))
+        _curve(ax_len, _series(rows, "completion_length_mean"), c, name("mean"), smooth_weight)
+        length_max = _series(rows, "completion_length_max")
+        if length_max is not None:
+            ax_len.plot(*length_max, color=c, ls=":", lw=1.2, label=name("max"))
+        _curve(ax_pol, _series(rows, "kl"), c, name("KL to reference"), smooth_weight)
+        _curve(ax_pol, _series(rows, "entropy"), c, name("entropy"), smooth_weight, "--", raw=False)
+    ax_rew.set(xlabel="step", ylabel="reward per completion", title="reward (smoothed; raw faint)")
+    ax_acc.set(xlabel="step", ylabel="fraction correct", title="accuracy", ylim=(-0.02, 1.02))
+    ax_len.set(xlabel="step", ylabel="tokens", title="completion length")
+    ax_pol.set(xlabel="step", ylabel="nats / token", title="policy: KL (k3) and entropy")
+    for ax in axes.ravel():
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[1]:
+            ax.legend(fontsize=8)
+    fig.suptitle(" vs ".join(label for label, _ in runs))
+    fig.tight_layout()
+    return _save(fig, out / "rl.png")
 
 
 def layer_names(n_rows: int, model: dict | None) -> list[str]:
@@ -250,6 +292,11 @@ def plot_runs(workdirs, out=None, labels=None, *, smooth_weight: float = 0.9, lo
         runs.append((label, rows, _read_json(resolve(w) / "summary.json"), _read_json(resolve(w) / "config.json")))
     out = resolve(out or workdirs[0])
     out.mkdir(parents=True, exist_ok=True)
+    rl = [(label, rows) for label, rows, _, _ in runs if any("reward_mean" in r for r in rows)]
+    if rl:  # GRPO runs: their own figure (a loss.png of theirs would be mostly empty panels)
+        if len(rl) != len(runs):
+            raise ValueError("cannot overlay GRPO runs (reward_mean in metrics.jsonl) with language-model runs")
+        return [plot_rl(rl, out, smooth_weight=smooth_weight)]
     paths = [plot_losses([r[:3] for r in runs], out, smooth_weight=smooth_weight, logy=logy)]
     for label, rows, _, config in runs:
         name = "expert_load.png" if len(runs) == 1 else f"expert_load-{re.sub(r'[^A-Za-z0-9_.-]+', '_', label)}.png"

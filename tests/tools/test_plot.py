@@ -79,3 +79,66 @@ def test_smoothing_is_debiased_and_skips_nan():
     assert out.tolist() == pytest.approx(
         [2.0, 2.0, 2.0, 2.75 / 0.875]
     )  # (0.25 * 2 + 0.5 * 2 + 4) / (0.25 + 0.5 + 1) * 0.5
+
+
+def write_rl_run(workdir, *, steps=40, eval_every=20, seed=0):
+    """A synthetic GRPO run: a train line per step (as train/rl/trainer.py writes them), a held-out
+    accuracy line at step 0 and every ``eval_every`` steps, after that step's train line."""
+    rng = np.random.default_rng(seed)
+    workdir.mkdir(parents=True, exist_ok=True)
+    with open(workdir / "metrics.jsonl", "w") as fh:
+        fh.write(json.dumps({"step": 0, "heldout_accuracy": 0.1}) + "\n")
+        for step in range(1, steps + 1):
+            acc = min(1.0, 0.1 + step / steps * 0.5 + 0.05 * rng.standard_normal())
+            line = {"step": step, "reward_mean": acc + 0.1, "reward_std": 0.3, "accuracy": acc}
+            line |= {"reward/correct_mean": acc, "reward/correct_std": 0.3, "reward/format_mean": 1.0}
+            line |= {"reward/format_std": 0.0, "kl": 1e-3 * step, "entropy": 0.5, "loss": 0.01}
+            line |= {"completion_length_mean": 12.0 + rng.standard_normal(), "completion_length_max": 20}
+            fh.write(json.dumps(line) + "\n")
+            if step % eval_every == 0:
+                fh.write(json.dumps({"step": step, "heldout_accuracy": acc}) + "\n")
+    return workdir
+
+
+def _capture_figures(monkeypatch):
+    """{file name: {axes title: [line labels]}} of every figure tools.plot saves."""
+    drawn, save = {}, plot._save
+
+    def spy(fig, path):
+        drawn[path.name] = {ax.get_title(): [l.get_label() for l in ax.get_lines()] for ax in fig.axes}
+        return save(fig, path)
+
+    monkeypatch.setattr(plot, "_save", spy)
+    return drawn
+
+
+def test_rl_run_draws_reward_accuracy_and_length(tmp_path, monkeypatch):
+    drawn = _capture_figures(monkeypatch)
+    run = write_rl_run(tmp_path / "g")
+    paths = plot.plot_runs([run])
+    assert [p.name for p in paths] == ["rl.png"] and paths[0].stat().length > 0
+    panels = drawn["rl.png"]
+    assert set(panels) == {
+        "reward (smoothed; raw faint)",
+        "accuracy",
+        "completion length",
+        "policy: KL (k3) and entropy",
+    }
+    assert {"total (weighted)", "correct", "format"} <= set(panels["reward (smoothed; raw faint)"])
+    assert {"sampled (train)", "held-out greedy"} <= set(panels["accuracy"])
+    assert {"mean", "max"} <= set(panels["completion length"])
+    assert {"KL to reference", "entropy"} <= set(panels["policy: KL (k3) and entropy"])
+    a, b = write_rl_run(tmp_path / "a", seed=1), write_rl_run(tmp_path / "b", seed=2)
+    plot.plot_runs([a, b], tmp_path / "cmp", ["lr1e-4", "lr3e-4"])  # overlaid: one colour per run
+    assert {"lr1e-4: held-out greedy", "lr3e-4: held-out greedy"} <= set(drawn["rl.png"]["accuracy"])
+    with pytest.raises(ValueError, match="cannot overlay GRPO runs"):
+        plot.plot_runs([a, write_run(tmp_path / "lm", steps=20)], tmp_path / "mixed")
+
+
+def test_heldout_line_is_not_a_resume():
+    """GRPO writes its held-out accuracy after the train line of the same step: both are kept (not
+    taken for a resume that redid the step); a real resume still drops the lines it redid."""
+    rows = [{"step": 1, "reward_mean": 0.1}, {"step": 2, "reward_mean": 0.2}, {"step": 2, "heldout_accuracy": 0.3}]
+    assert plot.drop_superseded(rows) == rows
+    resumed = rows + [{"step": 2, "reward_mean": 0.25}, {"step": 2, "heldout_accuracy": 0.35}]
+    assert plot.drop_superseded(resumed) == [rows[0], *resumed[3:]]

@@ -140,10 +140,10 @@ def token_logprobs(logits: jax.Array, targets: jax.Array, temperature: float = 1
     return chosen, entropy
 
 
-def sequence_logprobs(model, tokens: jax.Array, temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
+def sequence_logprobs(model, tokens: jax.Array, temperature: float = 1.0, ep=None) -> tuple[jax.Array, jax.Array]:
     """Training forward over prompt+completion rows ``tokens`` [b, L] (right-padded; padding is
     after every real token, so causal attention never lets it change a real position): the
     log-prob and entropy [b, L-1] of each next token tokens[:, 1:]. Dropless (``train=False``),
-    as the sampler runs the model."""
-    out = model(tokens[:, :-1])
+    as the sampler runs the model; ``ep``: the mesh's expert-parallel layout (``Transformer.__call__``)."""
+    out = model(tokens[:, :-1], ep=ep)
     return token_logprobs(out.logits, tokens[:, 1:], temperature)

@@ -13,8 +13,11 @@ sampler's RNG key, the step; and the task-stream position as the data state. Kil
 later steps are those of the uninterrupted run. The workdir is locked (``train/workdir.py``), the
 checkpoints are those of ``train/checkpoint.py``, the metrics those of ``train/metrics.py``.
 
-One device for now: a mesh of more devices is refused (``train/sharding.py``'s layout is not wired
-through the sampler yet).
+On a mesh (``config.mesh``, ``train/sharding.py``) the state (policy, Adam moments, reference) is
+created, restored and updated with the shardings of the logical-axis rules, as in the language-model
+trainer; rollout and held-out rows are split over (data, fsdp, expert) both in the sampler
+(``generation.generate_details(rows=...)``) and in the update. One process: the host scores every
+completion.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import functools
 import json
 import signal
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import ml_collections
@@ -47,30 +50,35 @@ from train.state import abstract_state, init_state
 _BUCKET = 16  # rollout rows are padded to a multiple of this: few distinct shapes, few compilations
 
 
-def _init_state(cfg, tx, seed: int, rl) -> tuple:
+def _init_state(cfg, tx, seed: int, rl_seed: int, beta: float) -> tuple:
     graphdef, s = init_state(cfg, tx, seed)
     state = {k: s[k] for k in ("step", "params", "opt_state", "rest", "skipped")}
-    state["rng"] = jax.random.key_data(jax.random.key(rl.seed))
-    if rl.beta:
+    state["rng"] = jax.random.key_data(jax.random.key(rl_seed))
+    if beta:
         state["ref"] = _frozen_copy(s["params"], s["rest"])
     return graphdef, state
 
 
+class _Compiled(NamedTuple):
+    graphdef: Any
+    abstract: Any  # the state's ShapeDtypeStructs
+    state_sh: Any  # its shardings on the mesh
+    update: Any
+    logprobs: Any
+
+
 @functools.lru_cache(maxsize=4)
-def _compiled(graphdef, optimizer_json: str, steps: int, temperature, beta, epsilon, epsilon_high, aggregation):
-    """The jitted update and log-prob functions, reused by a later run of the same settings in this
-    process (a resume, a test): their compilation is most of a short run's time."""
+def _compiled(cfg, optimizer_json: str, steps: int, seed: int, rl_seed: int, mesh, temperature, beta, **loss):
+    """The state's structure and shardings and the jitted update and log-prob functions, reused by a
+    later run of the same settings in this process (a resume, a test): their compilation is most of
+    a short run's time. ``loss``: epsilon, epsilon_high, aggregation."""
     tx = make_optimizer(ml_collections.ConfigDict(json.loads(optimizer_json)), steps)
-    update = make_update_step(
-        graphdef,
-        tx,
-        temperature=temperature,
-        beta=beta,
-        epsilon=epsilon,
-        epsilon_high=epsilon_high,
-        aggregation=aggregation,
-    )
-    return update, make_logprob_fn(graphdef, temperature)
+    box = {}
+    abstract = jax.eval_shape(lambda: box.setdefault("g", _init_state(cfg, tx, seed, rl_seed, beta))[1])
+    graphdef = box["g"][0]
+    state_sh = sharding.tree_shardings(abstract, mesh)
+    update = make_update_step(graphdef, tx, temperature=temperature, beta=beta, mesh=mesh, state_sh=state_sh, **loss)
+    return _Compiled(graphdef, abstract, state_sh, update, make_logprob_fn(graphdef, temperature, mesh, state_sh))
 
 
 def _frozen_copy(params, rest) -> dict:
@@ -78,12 +86,14 @@ def _frozen_copy(params, rest) -> dict:
     return jax.tree.map(lambda x: x.copy(), {"params": params, "rest": rest})
 
 
-def _load_policy(path: str, cfg, tx, seed: int) -> tuple:
-    """(params, rest) of a ``train.main`` checkpoint of the same model (its optimizer state is dropped)."""
+def _load_policy(path: str, cfg, tx, seed: int, mesh) -> tuple:
+    """(params, rest) of a ``train.main`` checkpoint of the same model, placed on ``mesh`` (its
+    optimizer state is dropped)."""
     _, abstract = abstract_state(cfg, tx, seed)
     ckpt = Checkpointer(path, save_every=1, async_save=False, read_only=True)
     try:
-        got = ckpt.restore(abstract, expected_model=cfg.identity())
+        target = sharding.with_shardings(abstract, sharding.tree_shardings(abstract, mesh))
+        got = ckpt.restore(target, expected_model=cfg.identity())
     finally:
         ckpt.close()
     if got is None:
@@ -111,28 +121,36 @@ def grpo_train(config, workdir: str, *, on_step: Optional[Callable[[int], None]]
     weights = check_rl_config(rl)
     check_optimizer_config(config.optimizer)
     mesh = sharding.make_mesh(config.mesh)
-    if mesh.size != 1:
-        raise ValueError(
-            f"GRPO runs on one device for now; got a mesh of {mesh.size} (set every config.mesh axis to 1)"
-        )
     cfg = ModelConfig.from_dict(config.model.to_dict())
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    split = sharding.batch_parallelism(sizes)
+    sharding.check_fits(sizes, cfg, global_batch_size=split)  # the model's widths; the rows below
+    if (rl.prompts_per_step * rl.group_size) % split:
+        raise sharding.MeshConfigError(
+            f"rl.prompts_per_step x rl.group_size = {rl.prompts_per_step * rl.group_size} rollout rows do not "
+            f"split over mesh.data x mesh.fsdp x mesh.expert = {split} devices"
+        )
+    if jax.process_count() > 1:
+        raise ValueError(f"GRPO runs in one process (the host scores every completion); got {jax.process_count()}")
     tokenizer = data_lib.load_tokenizer(config.data)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but model.vocab_size is {cfg.vocab_size}")
     task = tasks.make_task(rl)
     workdir = paths_lib.resolve(workdir)
     with workdir_lib.lock(workdir, process_index=jax.process_index()):
-        return _train(config, workdir, cfg, tokenizer, task, weights, on_step)
+        return _train(config, workdir, mesh, cfg, tokenizer, task, weights, on_step)
 
 
-def _train(config, workdir, cfg, tokenizer, task, weights, on_step) -> dict:
+def _train(config, workdir, mesh, cfg, tokenizer, task, weights, on_step) -> dict:
     rl, tc = config.rl, config.train
     model_dict = cfg.identity()
     tx = make_optimizer(config.optimizer, tc.steps)
     schedule = make_schedule(config.optimizer, tc.steps)
-    box = {}
-    abstract = jax.eval_shape(lambda: box.setdefault("g", _init_state(cfg, tx, tc.seed, rl))[1])
-    graphdef = box["g"][0]
+    loss = dict(epsilon=rl.epsilon, epsilon_high=rl.epsilon_high, aggregation=rl.aggregation)
+    compiled = _compiled(
+        cfg, config.optimizer.to_json(), tc.steps, tc.seed, rl.seed, mesh, rl.temperature, rl.beta, **loss
+    )
+    graphdef, state_sh, update, logprobs = compiled.graphdef, compiled.state_sh, compiled.update, compiled.logprobs
     ckpt = Checkpointer(
         workdir / "checkpoints",
         keep=tc.keep_checkpoints,
@@ -140,7 +158,11 @@ def _train(config, workdir, cfg, tokenizer, task, weights, on_step) -> dict:
         async_save=tc.async_checkpoint,
     )
     try:
-        restored = ckpt.restore(abstract, expected_model=model_dict, allow_fallback=tc.restore_fallback)
+        restored = ckpt.restore(
+            sharding.with_shardings(compiled.abstract, state_sh),
+            expected_model=model_dict,
+            allow_fallback=tc.restore_fallback,
+        )
     except BaseException:
         ckpt.close()
         raise
@@ -162,36 +184,30 @@ def _train(config, workdir, cfg, tokenizer, task, weights, on_step) -> dict:
         if changes:
             writer.log(f"Config changed since that checkpoint (run_info.json): {provenance.format_changes(changes)}")
     else:
-        _, state = _init_state(cfg, tx, tc.seed, rl)
+        state = sharding.create(lambda: _init_state(cfg, tx, tc.seed, rl.seed, rl.beta)[1], state_sh, mesh)
         next_prompt = 0
         if rl.init_checkpoint:
-            params, rest = _load_policy(rl.init_checkpoint, cfg, tx, tc.seed)
+            params, rest = _load_policy(rl.init_checkpoint, cfg, tx, tc.seed, mesh)
             state = {**state, "params": params, "rest": rest, "opt_state": tx.init(params)}
             if "ref" in state:
                 state["ref"] = _frozen_copy(params, rest)
+            state = jax.device_put(state, state_sh)
             writer.log(f"Policy and reference initialised from {rl.init_checkpoint}")
-
-    update, logprobs = _compiled(
-        graphdef,
-        config.optimizer.to_json(),
-        tc.steps,
-        rl.temperature,
-        rl.beta,
-        rl.epsilon,
-        rl.epsilon_high,
-        rl.aggregation,
-    )
     eos, g, p = tokenizer.eos_id, rl.group_size, rl.prompts_per_step
     encode = lambda text: [tokenizer.bos_id] + tokenizer.encode(text).tolist()
     decode = lambda ids: tokenizer.decode([t for t in ids if t != eos])
     heldout = [task.example("heldout", i) for i in range(rl.eval_prompts)]
+    rows = sharding.batch_sharding(mesh)
+    split = sharding.batch_parallelism(dict(zip(mesh.axis_names, mesh.axis_sizes)))
 
     def policy():
         return nnx.merge(graphdef, state["params"], state["rest"])
 
     def evaluate(step: int) -> float:
+        prompts = [encode(e.prompt) for e in heldout]
+        prompts += [prompts[i % len(prompts)] for i in range(-len(prompts) % split)]  # split over the mesh
         res = generation.generate_details(
-            policy(), [encode(e.prompt) for e in heldout], max_new_tokens=rl.max_new_tokens, stop_tokens=[eos]
+            policy(), prompts, max_new_tokens=rl.max_new_tokens, stop_tokens=[eos], rows=rows
         )
         acc = float(np.mean([rewards.correct(decode(c), e) for c, e in zip(res.tokens, heldout)]))
         writer.write(step, {"heldout_accuracy": acc})
@@ -231,6 +247,7 @@ def _train(config, workdir, cfg, tokenizer, task, weights, on_step) -> dict:
                 top_p=rl.top_p,
                 stop_tokens=[eos],
                 seed=seed,
+                rows=rows,
             )
             t_sample = time.perf_counter() - t0
             # ---- rewards and advantages (a raising reward stops here: nothing applied or saved) ----

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -10,6 +11,7 @@ from model import generation
 from model.transformer import Transformer
 from tests.tolerances import assert_close
 from tests.util import tiny_config
+from train import sharding
 from train.rl import grpo
 from train.rl.step import make_logprob_fn
 
@@ -133,7 +135,9 @@ def test_training_forward_logprobs_equal_the_samplers():
     for i, (p, c) in enumerate(zip(prompts, res.tokens)):
         rows[i, : len(p) + len(c)] = p + c
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    lp = make_logprob_fn(graphdef, 1.0)(params, rest, jnp.asarray(rows))  # the trainer's jitted forward
+    mesh = sharding.make_mesh(ml_collections.ConfigDict(dict.fromkeys(sharding.MESH_AXES, 1)))  # 1 device
+    state_sh = sharding.tree_shardings({"params": params, "rest": rest}, mesh)
+    lp = make_logprob_fn(graphdef, 1.0, mesh, state_sh)(params, rest, jnp.asarray(rows))  # the trainer's jitted forward
     for i, (p, c) in enumerate(zip(prompts, res.tokens)):
         got = np.asarray(lp[i, len(p) - 1 : len(p) - 1 + len(c)])
         np.testing.assert_allclose(got, res.logprobs[i], atol=1e-4, rtol=0)
@@ -142,7 +146,7 @@ def test_training_forward_logprobs_equal_the_samplers():
     rows7 = np.zeros((len(prompts), 20), np.int32)
     for i, (p, c) in enumerate(zip(prompts, res7.tokens)):
         rows7[i, : len(p) + len(c)] = p + c
-    lp7 = make_logprob_fn(graphdef, 0.7)(params, rest, jnp.asarray(rows7))
+    lp7 = make_logprob_fn(graphdef, 0.7, mesh, state_sh)(params, rest, jnp.asarray(rows7))
     for i, (p, c) in enumerate(zip(prompts, res7.tokens)):
         np.testing.assert_allclose(lp7[i, len(p) - 1 : len(p) - 1 + len(c)], res7.logprobs[i], atol=1e-4, rtol=0)
 
