@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from model.linear import linear
 from model.params import linear_param
 
 
@@ -22,7 +23,6 @@ class SwiGLU(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [..., d] -> [..., d]."""
         dt = self.dtype
-        x = x.astype(dt)
-        g = jnp.einsum("...d,df->...f", x, self.w_gate[...].astype(dt))
-        u = jnp.einsum("...d,df->...f", x, self.w_up[...].astype(dt))
-        return jnp.einsum("...f,fd->...d", jax.nn.silu(g) * u, self.w_down[...].astype(dt))
+        g = linear("...d,df->...f", x, self.w_gate[...], dtype=dt)
+        u = linear("...d,df->...f", x, self.w_up[...], dtype=dt)
+        return linear("...f,fd->...d", jax.nn.silu(g) * u, self.w_down[...], dtype=dt)
