@@ -19,7 +19,14 @@ import ctypes.util
 import functools
 
 # XLA:CPU only; the TPU and GPU compilers do not know this option (and schedule for memory already).
-CPU_COMPILER_OPTIONS = {"xla_cpu_enable_concurrency_optimized_scheduler": False}
+CPU_COMPILER_OPTIONS = {
+    "xla_cpu_enable_concurrency_optimized_scheduler": False,
+    # Copy insertion that tracks values through control flow (XLA:CPU's debug option; off by
+    # default): without it every Adam moment updated in place is copied at the start of the step
+    # and the copies stay live through the forward and backward (``small``: 0.22 GiB less
+    # temporaries with it; docs/benchmarks.md, issue #15).
+    "xla_cpu_copy_insertion_use_region_analysis": True,
+}
 
 
 def compiler_options(platform: str) -> dict:

@@ -106,7 +106,7 @@ def _check_model_and_tokenizer(config, mesh):
     if cfg.param_dtype != "float32":  # master weights (DeepSeek-V3 report Sec. 3.3)
         raise ValueError(
             f"model.param_dtype={cfg.param_dtype!r}: training keeps float32 parameters; "
-            f"set model.dtype for {cfg.param_dtype} compute (optimizer.mu_dtype for the moments)"
+            f"set model.dtype for {cfg.param_dtype} compute (optimizer.moment_dtype for the Adam moments)"
         )
     sharding.check_fits(mesh_sizes, cfg, global_batch_size=tc.global_batch_size, microbatches=tc.microbatches)
     tokenizer = data_lib.load_tokenizer(config.data)

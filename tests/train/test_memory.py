@@ -49,16 +49,23 @@ def test_release_returns_freed_heap_to_the_os():
     assert before - _rss_bytes() > 64 * 2**20
 
 
+CPU_OPTIONS = {
+    "xla_cpu_enable_concurrency_optimized_scheduler": False,
+    "xla_cpu_copy_insertion_use_region_analysis": True,
+}
+
+
 def test_cpu_compiler_options_are_cpu_only():
-    assert memory.compiler_options("cpu") == {"xla_cpu_enable_concurrency_optimized_scheduler": False}
+    assert memory.compiler_options("cpu") == CPU_OPTIONS
     assert memory.compiler_options("tpu") == {} and memory.compiler_options("gpu") == {}
     memory.compiler_options("cpu")["x"] = 1  # a copy: the module's table stays as it is
-    assert memory.CPU_COMPILER_OPTIONS == {"xla_cpu_enable_concurrency_optimized_scheduler": False}
+    assert memory.CPU_COMPILER_OPTIONS == CPU_OPTIONS
 
 
 def test_compile_ahead_compiles_once_and_gives_the_plain_steps_results(monkeypatch):
     """The trainer's step on CPU: compiled ahead (the call then does not compile again) and with
-    the memory-minimising scheduler, two steps equal the default-scheduled jit's bit for bit."""
+    the memory-minimising scheduler and region-analysis copy insertion, two steps equal the
+    default-compiled jit's bit for bit."""
     compiles = []
     monitoring.register_event_duration_secs_listener(
         lambda e, d, **kw: compiles.append(e) if e == _COMPILE_EVENT else 0
