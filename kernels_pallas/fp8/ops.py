@@ -104,16 +104,21 @@ def _pad(a, *multiples):
     return jnp.pad(a, widths) if any(hi for _, hi in widths) else a
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
-def _fp8_matmul(x, w, fmt, pow2_scale, out_dtype, interpret, impl):
-    return _fp8_matmul_fwd(x, w, fmt, pow2_scale, out_dtype, interpret, impl)[0]
-
-
-def _fp8_matmul_fwd(x, w, fmt, pow2_scale, out_dtype, interpret, impl):
+def _fprop(x, w, fmt, pow2_scale, out_dtype, interpret, impl):
     kw = dict(fmt=fmt, pow2_scale=pow2_scale, interpret=interpret, impl=impl)
     x_q, x_scale = quantize_activations(x, **kw)  # [m, k], [m, k/128]
     w_q, w_scale = quantize_weights(w, **kw)  # [k, n], [k/128, n/128]
-    y = scaled_matmul(x_q, x_scale, w_q, w_scale, out_dtype=out_dtype, interpret=interpret, impl=impl)
+    return scaled_matmul(x_q, x_scale, w_q, w_scale, out_dtype=out_dtype, interpret=interpret, impl=impl), w_q, w_scale
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
+def _fp8_matmul(x, w, fmt, pow2_scale, out_dtype, interpret, impl):
+    return _fprop(x, w, fmt, pow2_scale, out_dtype, interpret, impl)[0]
+
+
+def _fp8_matmul_fwd(x, w, fmt, pow2_scale, out_dtype, interpret, impl):
+    y, w_q, w_scale = _fprop(x, w, fmt, pow2_scale, out_dtype, interpret, impl)
+    kw = dict(fmt=fmt, pow2_scale=pow2_scale, interpret=interpret, impl=impl)
     xt_q, xt_scale = quantize_activations(x.T, **kw)  # [k, m], [k, m/128]: wgrad's operand
     dtypes = (jnp.zeros((), x.dtype), jnp.zeros((), w.dtype))
     return y, (xt_q, xt_scale, w_q, w_scale, dtypes)
@@ -154,6 +159,7 @@ def ragged_product(lhs, rhs, group_sizes):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7, 8))
 def _grouped_fp8_matmul(x, w, group_sizes, fmt, pow2_scale, out_dtype, interpret, impl, product):
+    # (the residuals the forward rule also builds are dead code here, which XLA removes)
     return _grouped_fp8_matmul_fwd(x, w, group_sizes, fmt, pow2_scale, out_dtype, interpret, impl, product)[0]
 
 
