@@ -43,9 +43,11 @@ def expert_swiglu(cfg: ModelConfig, x_sorted, group_sizes, w_gate, w_up, w_down)
     mm = functools.partial(
         gmm, group_sizes=group_sizes, impl=cfg.kernels_impl, tile=cfg.moe_block_rows, recipe=cfg.gemm_recipe
     )
-    g = mm(x_sorted, w_gate.astype(dt))  # [r, f]
-    u = mm(x_sorted, w_up.astype(dt))  # [r, f]
-    return mm(jax.nn.silu(g) * u, w_down.astype(dt))  # [r, d]
+    # quantized recipes read the f32 master weights (and return f32 weight gradients) themselves
+    cast = (lambda w: w.astype(dt)) if cfg.gemm_recipe == "bf16" else (lambda w: w)
+    g = mm(x_sorted, cast(w_gate))  # [r, f]
+    u = mm(x_sorted, cast(w_up))  # [r, f]
+    return mm(jax.nn.silu(g) * u, cast(w_down))  # [r, d]
 
 
 def _remote_experts(cfg: ModelConfig, ep: moe_ep.ExpertParallel, x_buf, expert, weights):
