@@ -169,7 +169,9 @@ def gmm(
     if scaled:
         # Lay the scales out so one K block is a [tm, 1] column and a [1, tn] row (TPU block rules).
         lhs_scale = jnp.pad(lhs_scale.T, ((0, 0), (0, mp - m)))[:, :, None]  # [k/128, mp, 1]
-        rhs_scale = (rhs_scale if rhs_scale.shape[-1] == n else jnp.repeat(rhs_scale, 128, axis=2))[:, :, None, :]  # [G, k/128, 1, n]
+        if rhs_scale.shape[-1] != n:  # 128x128 blocks -> one scale per column
+            rhs_scale = jnp.repeat(rhs_scale, 128, axis=2)
+        rhs_scale = rhs_scale[:, :, None, :]  # [G, k/128, 1, n]
         in_specs += [
             pl.BlockSpec((None, tm, 1), lambda n_i, i, k_i, o, g, t, c: (k_i, t[i], 0)),
             pl.BlockSpec(
