@@ -40,6 +40,7 @@ from flax import nnx
 from model import sampling as sampling_lib
 from model.config import ModelConfig
 from model.decode_experts import small_batch_moe
+from model.linear import linear
 from model.mla import MLA
 from model.rope import rope_angles
 from model.sampling import Sampling
@@ -130,7 +131,7 @@ def cached_attention(mla: MLA, x: jax.Array, positions: jax.Array, cache: dict, 
             "bthr,bsr->bhts", q_rope, kr, preferred_element_type=jnp.float32
         )
     else:
-        kv = jnp.einsum("btc,chk->bthk", c_kv, mla.wkv_b[...].astype(dt))  # [b, t, h, n+v]
+        kv = linear("btc,chk->bthk", c_kv, mla.wkv_b[...], dtype=dt, recipe=cfg.gemm_recipe)  # [b, t, h, n+v]
         k_new = jnp.concatenate([kv[..., :n], jnp.broadcast_to(k_rope[:, :, None], q_rope.shape)], -1)
         cache = {"k": _write(cache["k"], k_new, positions), "v": _write(cache["v"], kv[..., n:], positions)}
         k = cache["k"]  # [b, S, h, n+r]
@@ -143,7 +144,7 @@ def cached_attention(mla: MLA, x: jax.Array, positions: jax.Array, cache: dict, 
         o = jnp.einsum("bthc,hcv->bthv", o_lat, w_uv)  # [b, t, h, v]
     else:
         o = jnp.einsum("bhts,bshv->bthv", probs, cache["v"])  # [b, t, h, v]
-    return jnp.einsum("bthv,hvd->btd", o, mla.wo[...].astype(dt)), cache
+    return linear("bthv,hvd->btd", o, mla.wo[...], dtype=dt, recipe=cfg.gemm_recipe), cache
 
 
 def _blocks(model: Transformer) -> list:

@@ -17,7 +17,8 @@ to match, so XLA:CPU reads every matrix in its stored layout. The broadcast goes
 gathered (or all) expert matrices in every step, 2x (batch 1) and 3x (batch 8) slower
 (docs/benchmarks.md, "Generation").
 
-``small_batch_moe`` is the dispatch: these two up to ``max_tokens`` tokens, the layer itself beyond.
+``small_batch_moe`` is the dispatch: these two up to ``max_tokens`` tokens, the layer itself beyond
+(and under a quantized ``gemm_recipe``: its grouped FP8 / int8 matmul, ``model/grouped_matmul.py``).
 Reference: the layer's ``__call__`` (tests/model/test_generation.py compares them, with gradients).
 """
 
@@ -62,7 +63,7 @@ def small_batch_moe(moe: MoE, x: jax.Array, valid: jax.Array, max_tokens: int = 
     cfg = moe.cfg
     b, t, d = x.shape
     m, k, e = b * t, cfg.n_experts_per_tok, cfg.n_routed_experts
-    if m > max_tokens:
+    if m > max_tokens or cfg.gemm_recipe != "bf16":  # quantized recipes: the layer's grouped FP8 matmul
         return moe(x, valid.astype(jnp.int32))[0]
     dt = jnp.dtype(cfg.dtype)
     xt = x.reshape(m, d).astype(dt)
