@@ -3,21 +3,25 @@
 The MoE layer's grouped matmul (``model/moe.py``) sorts assignments and multiplies row tiles of
 ``moe_block_rows`` rows: right for prefill and training, wasteful when a step has 1-64 tokens (a
 1-token step still multiplies full tiles, once per visited expert). Same math, DeepSeek-V3 report
-Sec. 2.1.2 eq. 12, two layouts chosen statically by the step's size m (tokens) and k (top-k):
+Sec. 2.1.2 eq. 12, layouts chosen statically by the step's size m (tokens) and k (top-k):
 
 * m k < E ("gather"): each token multiplies the k expert matrices it chose, gathered by id;
   weights read: m k of the E experts (batch 1: k of E).
 * otherwise ("dense"): every expert multiplies every token and a [m, e] gate matrix, zero off the
   chosen experts, mixes them; weights read: all E once, FLOPs E/k x the routed ones, cheap while
   m is small (and exactly what a bandwidth-bound step can afford).
+* "gather" with the experts split once (``split_experts``, made by ``generation.prepare_for``):
+  one ``lax.switch`` over the experts per (token, slot), each branch's dots reading that expert's
+  own arrays in place (``routed_switch``): XLA:CPU copies any gathered or sliced matrix before a
+  dot, so the plain gather copies k matrices per token and step.
 
-Both are batched products over the weights' leading axes ([m, k] or [e]) with the tokens broadcast
-to match, so XLA:CPU reads every matrix in its stored layout. The broadcast goes through an
+The first two are batched products over the weights' leading axes ([m, k] or [e]) with the tokens
+broadcast to match, so XLA:CPU reads every matrix in its stored layout. The broadcast goes through an
 ``optimization_barrier``: without it XLA folds it back into an unbatched dot and transposes the
 gathered (or all) expert matrices in every step, 2x (batch 1) and 3x (batch 8) slower
 (docs/benchmarks.md, "Generation").
 
-``small_batch_moe`` is the dispatch: these two up to ``max_tokens`` tokens, the layer itself beyond.
+``small_batch_moe`` is the dispatch: these up to ``max_tokens`` tokens, the layer itself beyond.
 Reference: the layer's ``__call__`` (tests/model/test_generation.py compares them, with gradients).
 """
 
