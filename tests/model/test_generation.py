@@ -94,9 +94,13 @@ def test_prepared_split_experts_equal_reference(small_v):
 
     with pytest.raises(ValueError, match="speculative=True, not False"):
         generation.generate(small_v, one, max_new_tokens=2, prepared=spec)
-    stale = Transformer(SMALL_V, rngs=nnx.Rngs(3))  # same values, other arrays: a retrained model
+    other = Transformer(SMALL_V, rngs=nnx.Rngs(3))  # same values, other arrays
     with pytest.raises(ValueError, match="other parameters"):
-        generation.generate(stale, one, max_new_tokens=2, speculative=True, prepared=spec)
+        generation.generate(other, one, max_new_tokens=2, speculative=True, prepared=spec)
+    spec = generation.prepare_for(other, 1, speculative=True)
+    other.head.value = other.head[...] * 2  # an update in place (an optimizer step)
+    with pytest.raises(ValueError, match="other parameters"):
+        generation.generate(other, one, max_new_tokens=2, speculative=True, prepared=spec)
 
 
 def test_stop_tokens_and_budgets(small_v):
