@@ -39,7 +39,7 @@ from flax import nnx
 
 from model import sampling as sampling_lib
 from model.config import ModelConfig
-from model.decode_experts import small_batch_moe
+from model.decode_experts import SplitExperts, small_batch_moe, split_experts
 from model.linear import linear
 from model.mla import MLA
 from model.rope import rope_angles
@@ -89,6 +89,7 @@ class LayerWeights(NamedTuple):
 
     w_uk: jax.Array  # [h, n, c] W_UK = wkv_b[:, :, :n]
     w_uv: jax.Array  # [h, c, v] W_UV = wkv_b[:, :, n:]
+    experts: SplitExperts | None = None  # MoE blocks, ``split``: the routed experts split per expert
 
 
 def absorbed(mla: MLA) -> tuple[jax.Array, jax.Array]:
@@ -98,10 +99,13 @@ def absorbed(mla: MLA) -> tuple[jax.Array, jax.Array]:
     return jnp.transpose(wkv_b[..., :n], (1, 2, 0)), jnp.transpose(wkv_b[..., n:], (1, 0, 2))
 
 
-def decode_weights(model: Transformer, mtp: bool = False) -> tuple:
-    """``LayerWeights`` of every main-model block in order, then MTP module 1's block if ``mtp``."""
+def decode_weights(model: Transformer, mtp: bool = False, split: bool = False) -> tuple:
+    """``LayerWeights`` of every main-model block in order, then MTP module 1's block if ``mtp``.
+    ``split``: also each MoE block's routed experts split per expert (``decode_experts.split_experts``)."""
     blocks = _blocks(model) + ([model.mtp[0].block] if mtp else [])
-    return tuple(LayerWeights(*absorbed(blk.attn)) for blk in blocks)
+    return tuple(
+        LayerWeights(*absorbed(blk.attn), split_experts(blk.mlp) if split and blk.is_moe else None) for blk in blocks
+    )
 
 
 # ---- one layer ----
@@ -168,7 +172,7 @@ def block_cached(blk, x: jax.Array, positions: jax.Array, valid: jax.Array, cach
     if not blk.is_moe:
         y = blk.mlp(h)
     elif small_batch:
-        y = small_batch_moe(blk.mlp, h, valid)
+        y = small_batch_moe(blk.mlp, h, valid, experts=None if lw is None else lw.experts)
     else:
         y = blk.mlp(h, valid.astype(jnp.int32))[0]
     return x + y.astype(x.dtype), cache

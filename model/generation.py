@@ -154,16 +154,25 @@ def start(
     return Loop(jnp.zeros((), jnp.int32), key, out, core)
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "speculative", "split"))
+def prepare(graphdef, state, *, speculative: bool = False, split: bool = False) -> tuple:
+    """``decode.decode_weights`` as one call: W_UK / W_UV per layer and, with ``split``, the routed
+    experts split per expert (a copy of every expert matrix: make it once per set of weights)."""
+    return decode.decode_weights(nnx.merge(graphdef, state), mtp=speculative, split=split)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "speculative"), donate_argnames=("loop",))
 def advance(
-    graphdef, state, loop: Loop, budget, stops, sampling: Sampling, until, *, speculative: bool = False
+    graphdef, state, loop: Loop, budget, stops, sampling: Sampling, until, weights=None, *, speculative: bool = False
 ) -> Loop:
     """Decode steps until every row is done or ``until`` steps have run in all (a traced scalar).
 
-    The steps read W_UK / W_UV in ``decode.decode_weights``' layout, made here once per call, before
-    the loop (2 small transposes per layer, instead of in every step)."""
+    The steps read W_UK / W_UV in ``decode.decode_weights``' layout: ``weights`` from ``prepare``,
+    or (None) made here once per call, before the loop (2 small transposes per layer, instead of in
+    every step)."""
     step_fn = _METHODS[speculative][1]
-    weights = decode.decode_weights(nnx.merge(graphdef, state), mtp=speculative)
+    if weights is None:
+        weights = decode.decode_weights(nnx.merge(graphdef, state), mtp=speculative)
 
     def cond(carry):
         lp = carry[0]
@@ -185,6 +194,44 @@ def advance(
 
 
 # ---- host conveniences ----
+
+
+class Prepared(NamedTuple):
+    """Decode-layout weights for ``generate_details(prepared=...)``, made once by ``prepare_for``
+    and reused while the model's parameters stay the same arrays (checked at every use)."""
+
+    weights: tuple  # ``prepare``'s output
+    params: list  # the parameter arrays they were made from
+    speculative: bool
+
+
+def small_step(cfg, batch: int, speculative: bool) -> bool:
+    """Whether a decode step's tokens (``batch`` rows, 2 per row when speculative) use the
+    gathered experts (``decode_experts``: m k < E), the path the split experts speed up."""
+    return batch * (2 if speculative else 1) * cfg.n_experts_per_tok < cfg.n_routed_experts
+
+
+def prepare_for(model: Transformer, batch: int, speculative: bool = False) -> Prepared:
+    """Weights for repeated ``generate_details`` calls of ``batch`` rows on this model: W_UK / W_UV
+    per layer and, when a step gathers experts (``small_step``), the routed experts split per expert
+    (``decode_experts.routed_switch``: the step's dots read them in place instead of copying the
+    chosen matrices every step; docs/benchmarks.md, "Generation"). Costs a copy of every expert
+    matrix, once: worth it for a model that serves many requests, not for one call."""
+    graphdef, state = nnx.split(model)
+    split = model.cfg.n_moe_layers > 0 and small_step(model.cfg, batch, speculative)
+    weights = prepare(graphdef, state, speculative=speculative, split=split)
+    return Prepared(weights, jax.tree.leaves(state), speculative)
+
+
+def _prepared_weights(prepared: Prepared | None, state, speculative: bool):
+    if prepared is None:
+        return None
+    if prepared.speculative != speculative:
+        raise ValueError(f"prepared weights were made for speculative={prepared.speculative}, not {speculative}")
+    leaves = jax.tree.leaves(state)
+    if len(leaves) != len(prepared.params) or any(a is not b for a, b in zip(leaves, prepared.params)):
+        raise ValueError("prepared weights were made from other parameters: call prepare_for(model, ...) again")
+    return prepared.weights
 
 
 class Result(NamedTuple):
@@ -219,13 +266,16 @@ def generate_details(
     stream_every: int = 0,
     on_tokens: Callable[[list], None] | None = None,
     rows: jax.sharding.Sharding | None = None,
+    prepared: Prepared | None = None,
 ) -> Result:
     """Generate for every prompt in one batch. ``max_new_tokens``, ``temperature``, ``top_k``,
     ``top_p``: one value or one per prompt. ``stream_every`` > 0 with ``on_tokens``: the loop
     returns to the host every that many steps and ``on_tokens(tokens so far, per row)`` is called.
     ``rows``: where the per-row inputs go (e.g. a training mesh's batch sharding, for a model whose
     params live on that mesh: the rows, and so the cache, are split over its devices); the
-    prompt count must divide over it. None: the default device."""
+    prompt count must divide over it. None: the default device. ``prepared``: ``prepare_for(model,
+    len(prompts), speculative)``, for many calls on the same weights (None: made per call, without
+    the split experts)."""
     t0 = time.perf_counter()
     b = len(prompts)
     budgets = np.broadcast_to(np.asarray(max_new_tokens), (b,)) if b else np.zeros(0, int)
@@ -241,6 +291,7 @@ def generate_details(
     tokens, lengths = decode.right_padded(prompts, t)
     graphdef, state = nnx.split(model)
     budget, stops = put(np.asarray(budgets, np.int32)), stop_array(stop_tokens)
+    weights = _prepared_weights(prepared, state, speculative)
     loop = start(
         graphdef,
         state,
@@ -259,7 +310,7 @@ def generate_details(
     chunk = stream_every if (stream_every > 0 and on_tokens is not None) else most
     while True:
         loop = advance(
-            graphdef, state, loop, budget, stops, sampling, loop.step + max(chunk, 1), speculative=speculative
+            graphdef, state, loop, budget, stops, sampling, loop.step + max(chunk, 1), weights, speculative=speculative
         )
         finished = bool(jnp.all(loop.out.done))
         if chunk < most:

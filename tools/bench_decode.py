@@ -3,6 +3,7 @@ transformers' generate on the same weights, and the memory-bandwidth bound of a 
 
   python -m tools.bench_decode table [--batch 1,8] [--new 128] [--hf] [--dtype float32] [--rounds 2]
   python -m tools.bench_decode sweep [--batch 1,8,64] [--prompt 64,1024] [--new 64] [--cache absorbed,naive]
+  python -m tools.bench_decode experts [--batch 1] [--rounds 2]
   python -m tools.bench_decode acceptance --ckpt WORKDIR [--rows 32]
 
 Model (``issue_shape``): 4 layers (1 dense), d_model 512, MLA with 8 heads, q_lora 256, kv_lora 128,
@@ -12,9 +13,13 @@ back to back (``--rounds``), compilation excluded (a warm-up call per shape firs
 new tokens / wall time of the whole call (prefill included, as transformers' generate). ``--hf``
 adds transformers' ``DeepseekV3ForCausalLM.generate`` (weights exported with ``model/hf.py``,
 on cuda when there is one) and the fraction of its greedy tokens equal to ours.
+``table --bandwidth``: batch 1's step against the bytes it reads: copy bandwidth, and the step's
+weight matrices alone as back-to-back dots (``matvec_seconds``), with the prefill's time.
 ``sweep``: decode tokens/s and ms per step (prefill excluded), plain and speculative, with the
 bound: bytes read per step (weights touched + cache) / measured copy bandwidth; then DeepSeek-V3's
 cache bytes per token for the absorbed (c_KV + k_rope) and the naive (per-head K, V) cache.
+``experts``: ms per decode step with the routed experts gathered in every step against split once
+(``generation.prepare_for``), plain and speculative, alternating in one process.
 ``acceptance``: MTP draft acceptance of a trained run on its held-out (validation) files, greedy
 and at temperature 1 (needs the training stack: grain, ml_collections; the others do not).
 One JSON line per measurement, then a markdown table. Results: docs/benchmarks.md, "Generation".
@@ -36,7 +41,9 @@ import numpy as np
 from flax import nnx
 
 from model import decode, generation, presets
+from model import sampling as sampling_lib
 from model.config import ModelConfig
+from model.moe import MoE
 from model.transformer import Transformer
 
 
@@ -85,6 +92,7 @@ def step_bytes(model: Transformer, batch: int, context: int, speculative: bool) 
     m = batch * (2 if speculative else 1)
     e, k = cfg.n_routed_experts, cfg.n_experts_per_tok
     touched = e * (1 - (1 - k / e) ** m) / e  # fraction of the routed experts read
+    moe_layers = {path for path, node in nnx.iter_graph(model) if isinstance(node, MoE)}
     total = 0
     for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         nbytes = v.get_value().nbytes
@@ -92,11 +100,46 @@ def step_bytes(model: Transformer, batch: int, context: int, speculative: bool) 
             continue
         if path[0] == "embed":
             nbytes = m * cfg.d_model * v.get_value().dtype.itemsize
-        elif path[-1] in ("w_gate", "w_up", "w_down"):
+        elif path[:-1] in moe_layers and path[-1] in ("w_gate", "w_up", "w_down"):  # routed (not shared, dense)
             nbytes = int(nbytes * touched)
         total += nbytes
     layers = cfg.n_layers + (1 if speculative else 0)
     return total + batch * context * decode.cache_bytes_per_token(cfg, "absorbed") * layers // cfg.n_layers
+
+
+def matvec_seconds(model: Transformer, reps: int = 20) -> float:
+    """Seconds per pass of a batch-1 step's weight reads alone: one [1, in] x [in, out] f32 dot per
+    matrix the plain step reads (k of the E routed experts per MoE layer, the head; no embedding
+    table, no MTP), back to back in a compiled loop, best of 5. The floor a step can reach with
+    this backend's dots, before any other op; the routed experts are separate arrays here."""
+    k = model.cfg.n_experts_per_tok
+    moe_layers = {path for path, node in nnx.iter_graph(model) if isinstance(node, MoE)}
+    mats = []
+    for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        a = v.get_value()
+        if path[0] in ("mtp", "embed") or a.ndim < 2:
+            continue
+        if path[:-1] in moe_layers and path[-1] in ("w_gate", "w_up", "w_down"):
+            mats += [jnp.array(a[i]) for i in range(k)]  # [d, f] / [f, d], copies
+        else:  # contract the input axis: the first, or heads x v for the output projection
+            mats.append(a.reshape(-1, a.shape[-1]) if path[-1] == "wo" else a.reshape(a.shape[0], -1))
+
+    @jax.jit
+    def run(x, mats):
+        def body(_, x):
+            s = sum(jnp.sum(jnp.dot(x[None, : w.shape[0]], w)) for w in mats)
+            return x * (1 + 1e-12 * s)  # the next pass depends on every dot
+
+        return jax.lax.fori_loop(0, reps, body, x)
+
+    x = jnp.ones((max(w.shape[0] for w in mats),), jnp.float32)
+    run(x, mats).block_until_ready()
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        run(x, mats).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return best / reps
 
 
 def _prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list:
@@ -146,10 +189,22 @@ def hf_generator(model: Transformer, dtype: str):
 
 def table(args):
     model = Transformer(issue_shape(args.dtype), rngs=nnx.Rngs(0))
+    prepared = {}  # (batch, speculative) -> generation.prepare_for: once per model, as a server does
+
+    def new_loop(p, speculative=False):
+        key = (len(p), speculative)
+        if key not in prepared:
+            t0 = time.perf_counter()
+            prepared[key] = generation.prepare_for(model, len(p), speculative)
+            jax.block_until_ready(prepared[key].weights)
+            row = {"mode": "prepare", "batch": len(p), "speculative": speculative, "seconds": time.perf_counter() - t0}
+            print(json.dumps({**row, "note": "once per model, compilation included"}), flush=True)
+        return generation.generate(model, p, max_new_tokens=args.new, speculative=speculative, prepared=prepared[key])
+
     methods = {
-        "new_loop": lambda p: generation.generate(model, p, max_new_tokens=args.new),
+        "new_loop": new_loop,
         "old_loop": lambda p: decode.generate_reference(model, p, max_new_tokens=args.new),
-        "speculative": lambda p: generation.generate(model, p, max_new_tokens=args.new, speculative=True),
+        "speculative": lambda p: new_loop(p, speculative=True),
     }
     if args.hf:
         gen, hf_device = hf_generator(model, args.dtype)
@@ -186,20 +241,30 @@ def table(args):
     if args.bandwidth:  # batch 1, decode steps only (prefill excluded)
         bw = copy_bandwidth(args.copy_mib << 20)
         prompts = _prompts(1, 64, model.cfg.vocab_size)
-        r = [generation.generate_details(model, prompts, max_new_tokens=args.new) for _ in range(2)][-1]
+        kw = dict(max_new_tokens=args.new, prepared=generation.prepare_for(model, 1))
+        r = [generation.generate_details(model, prompts, **kw) for _ in range(2)][-1]
         s = (r.seconds - r.ttft_s) / r.steps
         nbytes = step_bytes(model, 1, 64 + args.new // 2, False)
+        mv = matvec_seconds(model)
         row = {
             "mode": "bandwidth",
             "batch": 1,
             "dtype": args.dtype,
             "step_bytes": nbytes,
             "ms_per_step": round(1e3 * s, 4),
+            "ttft_ms": round(1e3 * r.ttft_s, 2),  # the prefill
+            "ms_per_token": round(1e3 * r.seconds / args.new, 4),  # the whole call, as the table counts
             "achieved_GBps": round(nbytes / s / 1e9, 2),
             "copy_GBps": round(bw / 1e9, 1),
             "fraction_of_copy": round(nbytes / s / bw, 4),
+            "matvec_ms": round(1e3 * mv, 4),  # the step's weight reads alone, as dots (matvec_seconds)
+            "matvec_GBps": round(nbytes / mv / 1e9, 2),
             **env(),
         }
+        hf = [x["median_tokens_per_s"] for x in rows if x["batch"] == 1 and x["method"].startswith("transformers")]
+        if hf:  # the new loop's ratio if every op but the step's weight dots were free (the prefill as measured)
+            floor_s = r.ttft_s + r.steps * mv
+            row["max_ratio_vs_transformers"] = round(args.new / max(hf) / floor_s, 2)
         if args.peak_gbps:
             row["fraction_of_peak"] = round(nbytes / s / 1e9 / args.peak_gbps, 4)
         print(json.dumps(row), flush=True)
@@ -217,6 +282,7 @@ def sweep(args):
             prompts = _prompts(b, t, model.cfg.vocab_size)
             for spec, kind in [(False, c) for c in args.cache.split(",")] + [(True, "absorbed")]:
                 kw = dict(max_new_tokens=args.new, speculative=spec, cache=kind)
+                kw["prepared"] = generation.prepare_for(model, b, spec)
                 generation.generate_details(model, prompts, **kw)  # compile
                 r = generation.generate_details(model, prompts, **kw)
                 decode_s = r.seconds - r.ttft_s
@@ -261,6 +327,40 @@ def sweep(args):
                 }
             )
         )
+
+
+def experts(args):
+    """Batch-1 decode steps with the routed experts gathered per step against split once
+    (``generation.prepare_for``), alternating in one process; prefill excluded."""
+    model = Transformer(issue_shape(args.dtype), rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    for spec in (False, True):
+        b = int(args.batch.split(",")[0])
+        prompts = _prompts(b, 64, model.cfg.vocab_size)
+        t, total = decode.bucketed([64] * b, args.new, 16, extra=1)
+        tokens, lengths = (jnp.asarray(a) for a in decode.right_padded(prompts, t))
+        budget, stops, sampling = jnp.full((b,), args.new, jnp.int32), generation.stop_array(()), sampling_lib.make(b)
+        ways = {"gathered": None, "split": generation.prepare_for(model, b, spec).weights}
+
+        def run(weights):
+            inputs = (tokens, lengths, budget, stops, sampling, jax.random.key(0))
+            loop = generation.start(graphdef, state, *inputs, total=total, speculative=spec)
+            jax.block_until_ready(loop)
+            t0 = time.perf_counter()
+            loop = generation.advance(
+                graphdef, state, loop, budget, stops, sampling, loop.step + args.new, weights, speculative=spec
+            )
+            out = jax.device_get(loop.out.tokens)
+            return 1e3 * (time.perf_counter() - t0) / int(loop.step), out
+
+        outs = {name: run(w)[1] for name, w in ways.items()}  # compile
+        ms = {name: [] for name in ways}
+        for _ in range(args.rounds):
+            for name, w in ways.items():
+                ms[name].append(round(run(w)[0], 3))
+        row = {"mode": "experts", "batch": b, "speculative": spec, "ms_per_step": ms}
+        row["same_tokens"] = bool((outs["gathered"] == outs["split"]).all())
+        print(json.dumps({**row, "load_avg": os.getloadavg()[0], **env()}), flush=True)
 
 
 def acceptance(args):
@@ -313,7 +413,7 @@ def acceptance(args):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=("table", "sweep", "acceptance"))
+    ap.add_argument("mode", choices=("table", "sweep", "experts", "acceptance"))
     ap.add_argument("--batch", default=None, help="comma list (table: 1,8; sweep: 1,8,64)")
     ap.add_argument("--prompt", default="64,1024", help="sweep: prompt lengths; acceptance: one length")
     ap.add_argument("--new", type=int, default=None, help="new tokens (table 128, sweep 64, acceptance 128)")
@@ -330,13 +430,14 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.new is not None and args.new < 1:
         ap.error(f"--new must be >= 1, got {args.new}")
-    defaults = {"table": ("1,8", 128), "sweep": ("1,8,64", 64), "acceptance": ("", 128)}[args.mode]
+    defaults = {"table": ("1,8", 128), "sweep": ("1,8,64", 64), "experts": ("1", 128), "acceptance": ("", 128)}
+    defaults = defaults[args.mode]
     args.batch, args.new = args.batch or defaults[0], args.new or defaults[1]
     if args.mode == "acceptance":
         if not args.ckpt:
             ap.error("acceptance needs --ckpt WORKDIR")
         args.prompt = int(args.prompt.split(",")[0])
-    {"table": table, "sweep": sweep, "acceptance": acceptance}[args.mode](args)
+    {"table": table, "sweep": sweep, "experts": experts, "acceptance": acceptance}[args.mode](args)
 
 
 if __name__ == "__main__":

@@ -53,10 +53,11 @@ def group_of(op_name: str) -> str:
 
 def profile(model: Transformer, batch: int, new: int, top: int) -> None:
     prompts = _prompts(batch, 64, model.cfg.vocab_size)
-    r = generation.generate_details(model, prompts, max_new_tokens=new)  # compile
+    prepared = generation.prepare_for(model, batch)  # as a server would, once per model
+    r = generation.generate_details(model, prompts, max_new_tokens=new, prepared=prepared)  # compile
     with tempfile.TemporaryDirectory() as d:
         jax.profiler.start_trace(d)
-        r = generation.generate_details(model, prompts, max_new_tokens=new)
+        r = generation.generate_details(model, prompts, max_new_tokens=new, prepared=prepared)
         jax.profiler.stop_trace()
         events = json.load(gzip.open(sorted(Path(d).rglob("*.trace.json.gz"))[-1]))["traceEvents"]
     # the loop's optimized HLO, for the ops' shapes and sources: advance lowered as generate_details calls it
@@ -66,7 +67,8 @@ def profile(model: Transformer, batch: int, new: int, top: int) -> None:
     budget, stops, sampling = jnp.full((batch,), new, jnp.int32), generation.stop_array(()), sampling_lib.make(batch)
     args = (jnp.asarray(tokens), jnp.asarray(lengths), budget, stops, sampling, jax.random.key(0))
     loop = generation.start(graphdef, state, *args, total=total_len)
-    hlo = generation.advance.lower(graphdef, state, loop, budget, stops, sampling, loop.step + new).compile().as_text()
+    hlo = generation.advance.lower(graphdef, state, loop, budget, stops, sampling, loop.step + new, prepared.weights)
+    hlo = hlo.compile().as_text()
     ops = op_table(hlo)
     total, count = collections.Counter(), collections.Counter()
     for e in events:

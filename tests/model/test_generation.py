@@ -58,6 +58,51 @@ def test_greedy_plain_and_speculative_equal_reference(model, small_v):
     assert 0 < r.accepted < r.drafted  # both branches of the step ran
 
 
+def _eqns(jaxpr):
+    """Every equation of a jaxpr and of the jaxprs nested in it (loops, branches, calls)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, (tuple, list)) else (v,):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    yield from _eqns(sub)
+
+
+def test_prepared_split_experts_equal_reference(small_v):
+    """``prepare_for`` (experts split per expert, one ``lax.switch`` per chosen expert in the step):
+    greedy tokens equal the reference loop's, plain and speculative (1 row: 1 and 2 tokens per step,
+    x top-2 < 8 experts); the loop really runs the switches; stale weights are refused."""
+    one = SMALL_PROMPTS[3:]
+    ref = decode.generate_reference(small_v, one, max_new_tokens=NEW)
+    plain = generation.prepare_for(small_v, 1)
+    assert plain.weights[0].experts is None and plain.weights[1].experts is not None  # dense, MoE block
+    assert generation.generate(small_v, one, max_new_tokens=NEW, prepared=plain) == ref
+    spec = generation.prepare_for(small_v, 1, speculative=True)
+    assert spec.weights[-1].experts is not None  # the MTP block's experts too
+    r = generation.generate_details(small_v, one, max_new_tokens=NEW, speculative=True, prepared=spec)
+    assert r.tokens == ref
+
+    graphdef, state = nnx.split(small_v)  # the loop as generate runs it, lowered from shapes only
+    args = (jnp.ones((1, 32), jnp.int32), jnp.full((1,), 17), jnp.full((1,), NEW), generation.stop_array(()))
+    args += (sampling.make(1), jax.random.key(0))
+    loop = jax.eval_shape(functools.partial(generation.start, graphdef, total=48), state, *args)
+    step = functools.partial(generation.advance, graphdef)
+    jaxpr = jax.make_jaxpr(step)(state, loop, *args[2:5], 5, plain.weights).jaxpr
+    switches = [e for e in _eqns(jaxpr) if e.primitive.name == "cond" and len(e.params["branches"]) == 8]
+    assert len(switches) == SMALL_V.n_experts_per_tok  # one 8-expert switch per chosen expert
+
+    with pytest.raises(ValueError, match="speculative=True, not False"):
+        generation.generate(small_v, one, max_new_tokens=2, prepared=spec)
+    other = Transformer(SMALL_V, rngs=nnx.Rngs(3))  # same values, other arrays
+    with pytest.raises(ValueError, match="other parameters"):
+        generation.generate(other, one, max_new_tokens=2, speculative=True, prepared=spec)
+    spec = generation.prepare_for(other, 1, speculative=True)
+    other.head.value = other.head[...] * 2  # an update in place (an optimizer step)
+    with pytest.raises(ValueError, match="other parameters"):
+        generation.generate(other, one, max_new_tokens=2, speculative=True, prepared=spec)
+
+
 def test_stop_tokens_and_budgets(small_v):
     greedy = decode.generate_reference(small_v, SMALL_PROMPTS, max_new_tokens=NEW)
     stop = greedy[2][3]
@@ -175,14 +220,18 @@ def test_mtp_cache_matches_full_forward(small_v):
     assert_close(np.asarray(mtp_logits), np.asarray(out.mtp_logits[0]))
 
 
-@pytest.mark.parametrize("m", [1, 8])  # 2 and 16 tokens: the gather and the dense layout
-def test_small_batch_experts_match_the_layer(model, m):
+# 2 and 16 tokens: the gather and the dense layout; the gather's tokens also with the experts split
+# per expert (routed_switch; split inside the trace, so the gradients reach the stacked weights)
+@pytest.mark.parametrize("m,split", [(1, False), (1, True), (8, False)])
+def test_small_batch_experts_match_the_layer(model, m, split):
     graphdef, state = nnx.split(model.moe_blocks[0].mlp)
     x = jax.random.normal(jax.random.key(m), (m, 2, CFG.d_model))
     valid = jnp.ones((m, 2), bool)
 
     def fast(state, x):  # the weights as an argument: the layer is built inside each trace
-        return decode_experts.small_batch_moe(nnx.merge(graphdef, state), x, valid)
+        layer = nnx.merge(graphdef, state)
+        experts = decode_experts.split_experts(layer) if split else None
+        return decode_experts.small_batch_moe(layer, x, valid, experts=experts)
 
     def ref(state, x):
         return nnx.merge(graphdef, state)(x, valid.astype(jnp.int32))[0]
