@@ -85,7 +85,7 @@ class ModelConfig:
 
     # --- GQA / dense (Ainslie et al. 2023; Llama 3 report Sec. 3.1.1; Qwen2 report Sec. 2.1) ---
     attention_type: str = "mla"  # "mla" (the fields above) | "gqa" (model/gqa.py: the fields below)
-    n_kv_heads: Optional[int] = None  # g (num_key_value_heads): divides n_heads; None = n_heads (MHA)
+    n_kv_heads: Optional[int] = None  # j (num_key_value_heads): divides n_heads; None = n_heads (MHA)
     head_dim: Optional[int] = None  # (head_dim) of q, k and v; None = d_model // n_heads
     qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2; no o_proj bias)
     qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (Qwen3 q_norm / k_norm)
@@ -245,7 +245,7 @@ class ModelConfig:
 
     @property
     def kv_heads(self) -> int:
-        """g: KV heads of GQA (n_heads when ``n_kv_heads`` is None)."""
+        """j: KV heads of GQA (n_heads when ``n_kv_heads`` is None)."""
         return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
 
     @property
