@@ -95,8 +95,8 @@ class LayerWeights(NamedTuple):
     wkv_b [c, h, n+v]), XLA:CPU transposes both in every step: 3-6x the time of the two products
     (docs/benchmarks.md, "Generation")."""
 
-    w_uk: jax.Array  # [h, n, c] W_UK = wkv_b[:, :, :n]
-    w_uv: jax.Array  # [h, c, v] W_UV = wkv_b[:, :, n:]
+    w_uk: jax.Array | None  # [h, n, c] W_UK = wkv_b[:, :, :n]; None in a GQA block (no up-projection)
+    w_uv: jax.Array | None  # [h, c, v] W_UV = wkv_b[:, :, n:]; None in a GQA block
 
 
 def absorbed(mla: MLA) -> tuple[jax.Array, jax.Array]:
@@ -107,10 +107,9 @@ def absorbed(mla: MLA) -> tuple[jax.Array, jax.Array]:
 
 
 def decode_weights(model: Transformer, mtp: bool = False) -> tuple:
-    """``LayerWeights`` of every main-model block in order, then MTP module 1's block if ``mtp``
-    (None for a GQA block: it has no up-projections to prepare)."""
+    """``LayerWeights`` of every main-model block in order, then MTP module 1's block if ``mtp``."""
     blocks = _blocks(model) + ([model.mtp[0].block] if mtp else [])
-    return tuple(LayerWeights(*absorbed(blk.attn)) if isinstance(blk.attn, MLA) else None for blk in blocks)
+    return tuple(LayerWeights(*(absorbed(blk.attn) if isinstance(blk.attn, MLA) else (None, None))) for blk in blocks)
 
 
 # ---- one layer ----

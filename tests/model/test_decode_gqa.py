@@ -48,7 +48,7 @@ def test_token_by_token_equals_full_forward(model):
 def test_generation_loop_is_the_greedy_continuation():
     """The compiled loop (``model/generation.py``, the RL trainer's) on the GQA cache: its greedy
     tokens are the argmax of the full forward over prompt + generated tokens, for every row."""
-    model = _model("mqa_qknorm_tied_moe")
+    model = _model("gqa2_bias_llama3_scan")
     prompts = [[5, 6, 7, 8], [42], [10, 11, 12]]
     got = generation.generate(model, prompts, max_new_tokens=5)
     for p, new in zip(prompts, got):

@@ -39,12 +39,12 @@ CONFIGS = {
         "Llama",
         dict(num_key_value_heads=2, head_dim=12, rope_parameters=dict(LLAMA3, original_max_position_embeddings=8)),
     ),
-    "llama_mqa_scan": ("Llama", dict(num_key_value_heads=1)),  # loaded as one scanned stack of blocks
     "qwen2_gqa2_bias_yarn_tied": (
         "Qwen2",
         dict(num_key_value_heads=2, tie_word_embeddings=True, rope_parameters=YARN, rms_norm_eps=1e-6),
     ),
-    "qwen3_gqa2_qknorm": ("Qwen3", dict(num_key_value_heads=2, head_dim=16)),
+    # multi-query; loaded as one scanned stack of blocks
+    "qwen3_mqa_qknorm_scan": ("Qwen3", dict(num_key_value_heads=1, head_dim=16)),
 }
 
 
