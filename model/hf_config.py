@@ -242,12 +242,16 @@ def config_from_hf(
     if dtype is None:
         src = g("torch_dtype") or g("dtype") or "float32"
         dtype = "bfloat16" if q is not None else {"float8_e4m3fn": "bfloat16"}.get(src, src)
-    fields.update(param_dtype=dtype, dtype=dtype)
+    return with_execution(fields, dtype, overrides)
+
+
+def with_execution(fields: dict, dtype: str, overrides: dict) -> ModelConfig:
+    """The model ``fields`` from config.json, stored and computed in ``dtype``, run with the execution
+    ``overrides`` (``EXEC_FIELDS`` only: anything else would change the model)."""
     bad = sorted(set(overrides) - set(EXEC_FIELDS))
     if bad:
         raise ValueError(f"from_pretrained overrides {bad} would change the model; only {EXEC_FIELDS} may be set")
-    fields.update(overrides)
-    return ModelConfig(**fields)
+    return ModelConfig(**{**fields, "param_dtype": dtype, "dtype": dtype, **overrides})
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
@@ -312,17 +316,21 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     if v3:
         out["rope_interleave"] = cfg.rope_interleave
     if cfg.yarn is not None:
-        y = cfg.yarn
-        out["rope_scaling"] = {
-            "type": "yarn",
-            "rope_type": "yarn",
-            "factor": y.factor,
-            "original_max_position_embeddings": y.original_max_position_embeddings,
-            "beta_fast": y.beta_fast,
-            "beta_slow": y.beta_slow,
-            "mscale": y.mscale,
-            "mscale_all_dim": y.mscale_all_dim,
-            # transformers infers this from mscale/mscale_all_dim only when both are non-zero.
-            "attention_factor": yarn_mscale(y.factor, y.mscale) / yarn_mscale(y.factor, y.mscale_all_dim),
-        }
+        out["rope_scaling"] = yarn_to_hf(cfg.yarn)
     return out
+
+
+def yarn_to_hf(y: YarnConfig) -> dict:
+    """YarnConfig -> transformers' ``rope_scaling`` (the inverse of ``_yarn_from_hf``)."""
+    return {
+        "type": "yarn",
+        "rope_type": "yarn",
+        "factor": y.factor,
+        "original_max_position_embeddings": y.original_max_position_embeddings,
+        "beta_fast": y.beta_fast,
+        "beta_slow": y.beta_slow,
+        "mscale": y.mscale,
+        "mscale_all_dim": y.mscale_all_dim,
+        # transformers infers this from mscale/mscale_all_dim only when both are non-zero.
+        "attention_factor": yarn_mscale(y.factor, y.mscale) / yarn_mscale(y.factor, y.mscale_all_dim),
+    }

@@ -1,8 +1,10 @@
 """The DeepSeek-V3-style decoder: embedding, ``first_k_dense`` dense blocks, MoE blocks, final
-RMSNorm, untied output head, and ``mtp_depth`` MTP modules sharing the embedding and head.
+RMSNorm, output head (untied, or the embedding^T with ``tie_word_embeddings``), and ``mtp_depth``
+MTP modules sharing the embedding and head. A dense model (Llama, Qwen2.5) has first_k_dense = n_layers.
 
 ``Transformer(cfg, rngs=...)(inputs, positions, segment_ids)`` -> ``ModelOutput``. With
-``cfg.scan_layers`` the MoE blocks are one stacked module run by ``nnx.scan`` (one compiled body);
+``cfg.scan_layers`` the MoE blocks (in a dense model: all blocks) are one stacked module run by
+``nnx.scan`` (one compiled body);
 ``cfg.remat`` names the rematerialisation policy applied to every block.
 """
 
@@ -41,25 +43,37 @@ def _call_block(block: Block, x, positions, segment_ids, remat: str, train: bool
     return fn(block, x, positions, segment_ids)
 
 
+def _stacked(cfg: ModelConfig, n: int, moe: bool, rngs: nnx.Rngs) -> Block:
+    """``n`` alike blocks as one module whose leaves have a leading [n] layer axis (for ``nnx.scan``)."""
+
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(r):
+        return Block(cfg, moe=moe, rngs=r)
+
+    return make(rngs)
+
+
 class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         d, v, pd = cfg.d_model, cfg.vocab_size, cfg.param_dtype
-        self.embed = param(None, (v, d), pd, ("vocab", "embed"), rngs=rngs, stddev=1.0)
-        self.dense_blocks = nnx.List([Block(cfg, moe=False, rngs=rngs) for _ in range(cfg.first_k_dense)])
-        n_moe = cfg.n_moe_layers
+        # Tied, the embedding is also the head: initialised at the head's scale d^-1/2 (a unit-variance
+        # one would give logits of std sqrt(d)); the blocks start with an RMSNorm, so its scale is free.
+        tied = cfg.tie_word_embeddings
+        self.embed = param(None, (v, d), pd, ("vocab", "embed"), rngs=rngs, stddev=d**-0.5 if tied else 1.0)
+        n_dense, n_moe = cfg.first_k_dense, cfg.n_moe_layers
+        if cfg.scan_layers and n_moe == 0 and n_dense > 0:  # a dense model: its blocks are the stack
+            self.dense_blocks = _stacked(cfg, n_dense, False, rngs)
+        else:
+            self.dense_blocks = nnx.List([Block(cfg, moe=False, rngs=rngs) for _ in range(n_dense)])
         if cfg.scan_layers and n_moe > 0:
-
-            @nnx.split_rngs(splits=n_moe)
-            @nnx.vmap(in_axes=(0,), out_axes=0)
-            def make(r):
-                return Block(cfg, moe=True, rngs=r)
-
-            self.moe_blocks = make(rngs)
+            self.moe_blocks = _stacked(cfg, n_moe, True, rngs)
         else:
             self.moe_blocks = nnx.List([Block(cfg, moe=True, rngs=rngs) for _ in range(n_moe)])
         self.final_norm = RMSNorm(d, eps=cfg.rms_eps, param_dtype=pd)
-        self.head = param(None, (d, v), pd, ("embed", "vocab"), rngs=rngs, stddev=d**-0.5)
+        if not tied:
+            self.head = param(None, (d, v), pd, ("embed", "vocab"), rngs=rngs, stddev=d**-0.5)
         self.mtp = nnx.List([MTPModule(cfg, rngs=rngs) for _ in range(cfg.mtp_depth)])
 
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
@@ -67,30 +81,29 @@ class Transformer(nnx.Module):
 
     def logits_from(self, h_normed: jax.Array) -> jax.Array:
         dt = jnp.dtype(self.cfg.dtype)
-        return jnp.einsum(
-            "btd,dv->btv", h_normed.astype(dt), self.head[...].astype(dt), preferred_element_type=jnp.float32
-        )
+        h = h_normed.astype(dt)
+        if self.cfg.tie_word_embeddings:
+            return jnp.einsum("btd,vd->btv", h, self.embed[...].astype(dt), preferred_element_type=jnp.float32)
+        return jnp.einsum("btd,dv->btv", h, self.head[...].astype(dt), preferred_element_type=jnp.float32)
 
     def run_blocks(self, x, positions, segment_ids, train: bool = False, ep=None):
         """Main-model blocks: x [b, t, d] -> (x, aux)."""
         cfg = self.cfg
         aux = zero_aux(cfg.n_routed_experts)
-        for blk in self.dense_blocks:
-            x, a = _call_block(blk, x, positions, segment_ids, cfg.remat, train, ep)
-            aux = add_aux(aux, a)
-        if cfg.scan_layers and isinstance(self.moe_blocks, Block):
+        for stack in (self.dense_blocks, self.moe_blocks):
+            if isinstance(stack, Block):  # stacked (scan_layers)
 
-            @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
-            def body(x, blk):
-                return _call_block(blk, x, positions, segment_ids, cfg.remat, train, ep)
+                @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
+                def body(x, blk):
+                    return _call_block(blk, x, positions, segment_ids, cfg.remat, train, ep)
 
-            x, stacked = body(x, self.moe_blocks)
-            stacked["expert_load"] = stacked["expert_load"].reshape(-1, cfg.n_routed_experts)  # [l, e]
-            aux = add_aux(aux, {k: v if k == "expert_load" else v.sum(0) for k, v in stacked.items()})
-        else:
-            for blk in self.moe_blocks:
-                x, a = _call_block(blk, x, positions, segment_ids, cfg.remat, train, ep)
-                aux = add_aux(aux, a)
+                x, stacked = body(x, stack)
+                stacked["expert_load"] = stacked["expert_load"].reshape(-1, cfg.n_routed_experts)  # [l, e]
+                aux = add_aux(aux, {k: v if k == "expert_load" else v.sum(0) for k, v in stacked.items()})
+            else:
+                for blk in stack:
+                    x, a = _call_block(blk, x, positions, segment_ids, cfg.remat, train, ep)
+                    aux = add_aux(aux, a)
         return x, aux
 
     def __call__(
