@@ -15,7 +15,8 @@ Layout differences (torch Linear weights are [out, in]; ours are [in, ..., out])
   kv_a_proj_with_mqa [c+r, d] -> wkv_a [d, c+r]   kv_b_proj [h(n+v), c] -> wkv_b [c, h, n+v]
   o_proj [d, hv] -> wo [h, v, d]
   mlp.experts.{i}.{gate,up}_proj [f, d] -> w_gate/w_up[i] [d, f]; down_proj [d, f] -> w_down[i] [f, d]
-  mlp.shared_experts.* -> mlp.shared (one SwiGLU of width n_shared * f)
+  mlp.shared_experts.* -> mlp.shared (one SwiGLU of width n_shared * f; Qwen2-MoE: mlp.shared_expert.*)
+  mlp.shared_expert_gate.weight [1, d] -> mlp.shared_gate [d, 1] (Qwen2-MoE)
   mlp.gate.weight [e, d] -> router.weight [d, e]; mlp.gate.e_score_correction_bias -> router.bias
   model.layers.{N + k}.{enorm, hnorm, eh_proj, shared_head.norm, <block>} -> mtp[k] (transformers
   drops these; we keep them). Their ``embed_tokens`` / ``shared_head.head`` copies are the main
@@ -102,9 +103,12 @@ def _block_specs(cfg: ModelConfig, pre: str, path: tuple, idx: tuple, moe: bool)
         add(f"mlp.experts.{i}.down_proj.weight", ("mlp", "w_down"), (d, f), extra=(i,))
     if cfg.n_shared_experts:
         fs = cfg.n_shared_experts * f
-        add("mlp.shared_experts.gate_proj.weight", ("mlp", "shared", "w_gate"), (fs, d))
-        add("mlp.shared_experts.up_proj.weight", ("mlp", "shared", "w_up"), (fs, d))
-        add("mlp.shared_experts.down_proj.weight", ("mlp", "shared", "w_down"), (d, fs))
+        sh = "mlp.shared_expert" if cfg.shared_expert_gate else "mlp.shared_experts"  # Qwen2-MoE's name : DeepSeek's
+        add(f"{sh}.gate_proj.weight", ("mlp", "shared", "w_gate"), (fs, d))
+        add(f"{sh}.up_proj.weight", ("mlp", "shared", "w_up"), (fs, d))
+        add(f"{sh}.down_proj.weight", ("mlp", "shared", "w_down"), (d, fs))
+    if cfg.shared_expert_gate:
+        add("mlp.shared_expert_gate.weight", ("mlp", "shared_gate"), (1, d))
     return out
 
 
