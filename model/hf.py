@@ -42,26 +42,31 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from model import hf_config, hf_gqa
+from model import hf_config, hf_gqa, hf_qwen_moe
 from model.config import ModelConfig
 from model.hf_config import EXEC_FIELDS  # noqa: F401 (re-exported)
 from model.transformer import Transformer
 
-ARCHITECTURES = hf_config.ARCHITECTURES + tuple(hf_gqa.ARCHITECTURES)
+ARCHITECTURES = hf_config.ARCHITECTURES + tuple(hf_gqa.ARCHITECTURES) + tuple(hf_qwen_moe.ARCHITECTURES)
 
 
 def config_from_hf(hf: dict, **kw) -> ModelConfig:
-    """config.json -> ModelConfig: ``model/hf_gqa.py`` for Llama / Qwen2 / Qwen3, else
-    ``model/hf_config.py`` (DeepSeek-V3 / V2, which names what it refuses)."""
+    """config.json -> ModelConfig: ``model/hf_gqa.py`` for Llama / Qwen2 / Qwen3, ``model/hf_qwen_moe.py``
+    for Qwen3-MoE / Qwen2-MoE, else ``model/hf_config.py`` (DeepSeek-V3 / V2, which names what it refuses)."""
     arch = (hf.get("architectures") or [None])[0]
     hf_config._need(
         arch in ARCHITECTURES, "architectures", hf.get("architectures"), f"supported: {list(ARCHITECTURES)}"
     )
-    return (hf_gqa if arch in hf_gqa.ARCHITECTURES else hf_config).config_from_hf(hf, **kw)
+    for mapping in (hf_gqa, hf_qwen_moe):
+        if arch in mapping.ARCHITECTURES:
+            return mapping.config_from_hf(hf, **kw)
+    return hf_config.config_from_hf(hf, **kw)
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
-    return (hf_gqa if cfg.attention_type == "gqa" else hf_config).config_to_hf(cfg)
+    if cfg.attention_type == "mla":
+        return hf_config.config_to_hf(cfg)
+    return (hf_qwen_moe if cfg.n_moe_layers else hf_gqa).config_to_hf(cfg)
 
 
 _INDEX = "model.safetensors.index.json"
