@@ -114,3 +114,15 @@ def test_qwen_moe_matches_plain_reference_forward_and_grad(kw):
 def test_shared_gate_needs_shared_experts():
     with pytest.raises(ValueError, match="shared_expert_gate"):
         qwen_config(n_shared_experts=0, shared_expert_gate=True)
+
+
+def test_decode_experts_apply_the_shared_gate():
+    """Generation's small-batch expert path (model/decode_experts.py) gates the shared expert too."""
+    from model.decode_experts import small_batch_moe
+
+    cfg = qwen_config(n_shared_experts=1, shared_expert_gate=True)
+    moe = MoE(cfg, rngs=nnx.Rngs(2))
+    moe.shared_gate[...] = moe.shared_gate[...] * 3.0
+    x = jax.random.normal(jax.random.key(4), (2, 1, cfg.d_model))  # two rows, one new token each
+    valid = jnp.ones((2, 1), bool)
+    assert_close(small_batch_moe(moe, x, valid), moe(x, valid.astype(jnp.int32))[0], composite=True)
