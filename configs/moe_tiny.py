@@ -13,8 +13,9 @@ split (summary.json), i.e. 0.44x; ~4 min wall on an idle machine before the glob
 from configs.base import build
 
 
-def get_config():
-    c = build("moe_tiny")
+def get_config(preset: str = "moe_tiny"):
+    """``preset``: another model on the same data and schedule (``configs/qwen_moe_tiny.py``)."""
+    c = build(preset)
     c.train.steps = 400
     c.train.global_batch_size = 32
     c.train.eval_every = 200

@@ -9,18 +9,11 @@ activated). Measured on a 2-core CPU (jax 0.10.2): see the README's Qwen-MoE sec
 eval bits per byte.
 """
 
-from configs.base import build
+from configs import moe_tiny
 
 
 def get_config():
-    c = build("qwen_moe_tiny")
-    c.train.steps = 400
-    c.train.global_batch_size = 32
-    c.train.eval_every = 200
-    c.train.checkpoint_every = 200
-    c.data.seq_len = 128
-    c.optimizer.lr = 6e-3
-    c.optimizer.warmup_steps = 30
+    c = moe_tiny.get_config("qwen_moe_tiny")  # moe_tiny's data, schedule and optimizer
     # Without the aux-loss-free bias, the balance loss is the only balancing force (Qwen3 trains with
     # an auxiliary loss of weight 1e-3, router_aux_loss_coef; ours is the sequence-wise one, eq. 17-20).
     c.train.balance_loss_alpha = 1e-3
