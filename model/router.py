@@ -14,10 +14,10 @@ The gate values never include b (eq. 16). The router's matmul, scores and gates 
 DeepSeek's code. Qwen-MoE (score_fn="softmax", n_group=1, use_aux_free_bias=False,
 routed_scaling_factor=1) is exactly transformers' ``Qwen2MoeTopKRouter``: softmax in f32, top-k,
 renormalised if norm_topk_prob (``tests/model/test_qwen_moe.py``). The selection itself is
-``kernels_pallas/router``: its jnp ``route_reference`` (kernels_impl "scan" / "ragged_dot") or the fused Pallas kernel ("pallas"), one switch
-(``kernels_pallas/backend.py``). ``Router`` holds the centroids and the bias (a ``RouterBias``
-variable, outside the optimizer, updated by ``model/balance.py``); it returns the per-expert load
-of its call instead of storing it.
+``kernels_pallas/router``: its jnp ``route_reference`` (kernels_impl "scan" / "ragged_dot") or the
+fused Pallas kernel ("pallas"), one switch (``kernels_pallas/backend.py``). ``Router`` holds the
+centroids and the bias (a ``RouterBias`` variable, outside the optimizer, updated by
+``model/balance.py``); it returns the per-expert load of its call instead of storing it.
 """
 
 from typing import NamedTuple
