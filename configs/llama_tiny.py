@@ -2,7 +2,7 @@
 
   python -m train.main --config=configs/llama_tiny.py
 
-Grouped-query attention (4 query heads on 2 KV heads, head dim 32, Llama-3.1 RoPE scaling),
+Grouped-query attention (4 query heads on 2 KV heads, head dim 32, plain RoPE theta 500000),
 4 dense SwiGLU blocks (f = 384), untied head, no MTP, byte-level tokenizer, d_model 128 (0.86M
 parameters). Measured on a 2-core CPU (jax 0.10.2): see docs/benchmarks.md / the README's
 architecture section for the final eval bits per byte.

@@ -43,8 +43,8 @@ def sequence_balance_loss(ids: jax.Array, scores: jax.Array, valid: jax.Array, n
 def routers(model: nnx.Module) -> list[Router]:
     """Every Router of a ``Transformer`` in forward order (main blocks, then MTP modules): the order
     of the rows of ``aux["expert_load"]``. A scanned block stack has one Router of [l, e] bias."""
-    stack = model.moe_blocks
-    blocks = list(model.dense_blocks) + (list(stack) if isinstance(stack, nnx.List) else [stack])
+    stacks = (model.dense_blocks, model.moe_blocks)
+    blocks = [blk for s in stacks for blk in (list(s) if isinstance(s, nnx.List) else [s])]
     blocks += [m.block for m in model.mtp]
     return [blk.mlp.router for blk in blocks if blk.is_moe]
 

@@ -130,7 +130,7 @@ class ModelConfig:
     # GPU/TPU, float32 on CPU, resolved here at construction (``ModelConfig(dtype="auto").dtype``
     # is concrete).
     dtype: str = "float32"
-    scan_layers: bool = False  # nnx.scan over the homogeneous MoE blocks
+    scan_layers: bool = False  # nnx.scan over the homogeneous MoE blocks (a dense model: all blocks)
     remat: str = "none"  # rematerialisation policy of each block, one of _REMAT
     kernels_impl: str = "auto"  # grouped matmul + router backend, one of _KERNEL_IMPLS
     attention_impl: str = "auto"  # attention backend, model/attention.py: auto|naive|xla|splash|cudnn

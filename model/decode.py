@@ -182,12 +182,15 @@ def cached_attention(attn, x: jax.Array, positions: jax.Array, cache: dict, lw: 
 
 
 def _blocks(model: Transformer) -> list:
-    """The main model's blocks in order; a scanned (stacked) MoE stack is sliced per layer."""
-    blocks = list(model.dense_blocks)
-    if isinstance(model.moe_blocks, nnx.List):
-        return blocks + list(model.moe_blocks)
-    graphdef, state = nnx.split(model.moe_blocks)
-    return blocks + [nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state)) for i in range(model.cfg.n_moe_layers)]
+    """The main model's blocks in order; a scanned (stacked) stack is sliced per layer."""
+
+    def layers(stack, n: int) -> list:
+        if isinstance(stack, nnx.List):
+            return list(stack)
+        graphdef, state = nnx.split(stack)
+        return [nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state)) for i in range(n)]
+
+    return layers(model.dense_blocks, model.cfg.first_k_dense) + layers(model.moe_blocks, model.cfg.n_moe_layers)
 
 
 def block_cached(blk, x: jax.Array, positions: jax.Array, valid: jax.Array, cache: dict, small_batch: bool, lw=None):

@@ -150,7 +150,9 @@ def weight_specs(cfg: ModelConfig) -> list[Spec]:
         specs.insert(1, Spec("lm_head.weight", ("head",), (), (V, d), True))
     for i in range(cfg.n_layers):
         pre = f"model.layers.{i}"
-        if i < cfg.first_k_dense:
+        if i < cfg.first_k_dense and cfg.scan_layers and cfg.n_moe_layers == 0:  # a stacked dense model
+            specs += _block_specs(cfg, pre, ("dense_blocks",), (i,), moe=False)
+        elif i < cfg.first_k_dense:
             specs += _block_specs(cfg, pre, ("dense_blocks", i), (), moe=False)
         elif cfg.scan_layers:
             specs += _block_specs(cfg, pre, ("moe_blocks",), (i - cfg.first_k_dense,), moe=True)

@@ -112,12 +112,15 @@ def deepseek_v3_671b() -> ModelConfig:
 
 def _dense(**kw) -> ModelConfig:
     """A dense grouped-query-attention decoder (every block a SwiGLU, no MTP) in bf16 compute."""
-    return ModelConfig(attention_type="gqa", first_k_dense=kw["n_layers"], mtp_depth=0, dtype="bfloat16", **kw)
+    return ModelConfig(
+        attention_type="gqa", first_k_dense=kw["n_layers"], mtp_depth=0, dtype="bfloat16", scan_layers=True, **kw
+    )
 
 
 def llama_tiny() -> ModelConfig:
-    """Llama 3.1's structure at moe_tiny's size (GQA 4 query heads on 2 KV heads, Llama-3.1 RoPE
-    scaling, dense SwiGLU in every block, untied head): the dense baseline of the tiny configs."""
+    """Llama 3.1's structure at moe_tiny's size (GQA: 4 query heads on 2 KV heads, dense SwiGLU in
+    every block, untied head): the dense baseline of the tiny configs. Plain RoPE (theta 500000):
+    like YaRN for DeepSeek, Llama 3.1's frequency scaling belongs to the long-context stage."""
     return ModelConfig(
         attention_type="gqa",
         n_heads=4,
@@ -128,7 +131,6 @@ def llama_tiny() -> ModelConfig:
         dense_ffn_dim=384,
         rms_eps=1e-5,
         rope_theta=500000.0,
-        llama3_rope=Llama3RopeConfig(factor=8.0, original_max_position_embeddings=256),
         mtp_depth=0,
     )
 

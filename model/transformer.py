@@ -3,7 +3,8 @@ RMSNorm, output head (untied, or the embedding^T with ``tie_word_embeddings``), 
 MTP modules sharing the embedding and head. A dense model (Llama, Qwen2.5) has first_k_dense = n_layers.
 
 ``Transformer(cfg, rngs=...)(inputs, positions, segment_ids)`` -> ``ModelOutput``. With
-``cfg.scan_layers`` the MoE blocks are one stacked module run by ``nnx.scan`` (one compiled body);
+``cfg.scan_layers`` the MoE blocks (in a dense model: all blocks) are one stacked module run by
+``nnx.scan`` (one compiled body);
 ``cfg.remat`` names the rematerialisation policy applied to every block.
 """
 
@@ -42,6 +43,17 @@ def _call_block(block: Block, x, positions, segment_ids, remat: str, train: bool
     return fn(block, x, positions, segment_ids)
 
 
+def _stacked(cfg: ModelConfig, n: int, moe: bool, rngs: nnx.Rngs) -> Block:
+    """``n`` alike blocks as one module whose leaves have a leading [n] layer axis (for ``nnx.scan``)."""
+
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(r):
+        return Block(cfg, moe=moe, rngs=r)
+
+    return make(rngs)
+
+
 class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -50,16 +62,13 @@ class Transformer(nnx.Module):
         # one would give logits of std sqrt(d)); the blocks start with an RMSNorm, so its scale is free.
         tied = cfg.tie_word_embeddings
         self.embed = param(None, (v, d), pd, ("vocab", "embed"), rngs=rngs, stddev=d**-0.5 if tied else 1.0)
-        self.dense_blocks = nnx.List([Block(cfg, moe=False, rngs=rngs) for _ in range(cfg.first_k_dense)])
-        n_moe = cfg.n_moe_layers
+        n_dense, n_moe = cfg.first_k_dense, cfg.n_moe_layers
+        if cfg.scan_layers and n_moe == 0 and n_dense > 0:  # a dense model: its blocks are the stack
+            self.dense_blocks = _stacked(cfg, n_dense, False, rngs)
+        else:
+            self.dense_blocks = nnx.List([Block(cfg, moe=False, rngs=rngs) for _ in range(n_dense)])
         if cfg.scan_layers and n_moe > 0:
-
-            @nnx.split_rngs(splits=n_moe)
-            @nnx.vmap(in_axes=(0,), out_axes=0)
-            def make(r):
-                return Block(cfg, moe=True, rngs=r)
-
-            self.moe_blocks = make(rngs)
+            self.moe_blocks = _stacked(cfg, n_moe, True, rngs)
         else:
             self.moe_blocks = nnx.List([Block(cfg, moe=True, rngs=rngs) for _ in range(n_moe)])
         self.final_norm = RMSNorm(d, eps=cfg.rms_eps, param_dtype=pd)
@@ -81,22 +90,20 @@ class Transformer(nnx.Module):
         """Main-model blocks: x [b, t, d] -> (x, aux)."""
         cfg = self.cfg
         aux = zero_aux(cfg.n_routed_experts)
-        for blk in self.dense_blocks:
-            x, a = _call_block(blk, x, positions, segment_ids, cfg.remat, train, ep)
-            aux = add_aux(aux, a)
-        if cfg.scan_layers and isinstance(self.moe_blocks, Block):
+        for stack in (self.dense_blocks, self.moe_blocks):
+            if isinstance(stack, Block):  # stacked (scan_layers)
 
-            @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
-            def body(x, blk):
-                return _call_block(blk, x, positions, segment_ids, cfg.remat, train, ep)
+                @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
+                def body(x, blk):
+                    return _call_block(blk, x, positions, segment_ids, cfg.remat, train, ep)
 
-            x, stacked = body(x, self.moe_blocks)
-            stacked["expert_load"] = stacked["expert_load"].reshape(-1, cfg.n_routed_experts)  # [l, e]
-            aux = add_aux(aux, {k: v if k == "expert_load" else v.sum(0) for k, v in stacked.items()})
-        else:
-            for blk in self.moe_blocks:
-                x, a = _call_block(blk, x, positions, segment_ids, cfg.remat, train, ep)
-                aux = add_aux(aux, a)
+                x, stacked = body(x, stack)
+                stacked["expert_load"] = stacked["expert_load"].reshape(-1, cfg.n_routed_experts)  # [l, e]
+                aux = add_aux(aux, {k: v if k == "expert_load" else v.sum(0) for k, v in stacked.items()})
+            else:
+                for blk in stack:
+                    x, a = _call_block(blk, x, positions, segment_ids, cfg.remat, train, ep)
+                    aux = add_aux(aux, a)
         return x, aux
 
     def __call__(

@@ -17,8 +17,9 @@ from tests.util import tiny_config
 
 GQA = dict(attention_type="gqa", d_model=32, n_heads=4, head_dim=8, first_k_dense=2, n_layers=2, vocab_size=96)
 CONFIGS = {
-    "gqa2_bias_llama3": dict(
-        n_kv_heads=2, qkv_bias=True, llama3_rope=Llama3RopeConfig(original_max_position_embeddings=4)
+    # a dense model's blocks as one scanned stack: the cache slices it per layer
+    "gqa2_bias_llama3_scan": dict(
+        n_kv_heads=2, qkv_bias=True, llama3_rope=Llama3RopeConfig(original_max_position_embeddings=4), scan_layers=True
     ),
     # multi-query, q/k norms, tied head, and a MoE block after the GQA one (the Qwen-MoE layout)
     "mqa_qknorm_tied_moe": dict(n_kv_heads=1, qk_norm=True, tie_word_embeddings=True, first_k_dense=1),

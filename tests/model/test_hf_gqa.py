@@ -15,6 +15,7 @@ transformers = pytest.importorskip("transformers")
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from model import hf  # noqa: E402
+from model.block import Block  # noqa: E402
 from tests.model.test_hf import PARITY_ATOL  # noqa: E402
 
 V = 96
@@ -30,14 +31,15 @@ BASE = dict(
 LLAMA3 = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0)
 YARN = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=16)
 # name -> (transformers class, config changes): GQA ratios 1 (MHA), 2 and n_heads (MQA); tied and
-# untied heads; Llama-3.1 and YaRN RoPE scaling; Qwen2's q/k/v biases; Qwen3's q/k norms.
+# untied heads; Llama-3.1 and YaRN RoPE scaling; Qwen2's q/k/v biases; Qwen3's q/k norms; sharded
+# checkpoints; the blocks as one scanned stack (``scan_layers``).
 CONFIGS = {
     "llama_mha_tied": ("Llama", dict(num_key_value_heads=4, tie_word_embeddings=True)),
     "llama_gqa2_llama3_headdim12_sharded": (
         "Llama",
         dict(num_key_value_heads=2, head_dim=12, rope_parameters=dict(LLAMA3, original_max_position_embeddings=8)),
     ),
-    "llama_mqa": ("Llama", dict(num_key_value_heads=1)),
+    "llama_mqa_scan": ("Llama", dict(num_key_value_heads=1)),  # loaded as one scanned stack of blocks
     "qwen2_gqa2_bias_yarn_tied": (
         "Qwen2",
         dict(num_key_value_heads=2, tie_word_embeddings=True, rope_parameters=YARN, rms_norm_eps=1e-6),
@@ -75,8 +77,9 @@ def test_import_export_logits_match_transformers(name, tmp_path):
     src = str(tmp_path / "src")
     m.save_pretrained(src, max_shard_size="20KB" if "sharded" in name else "1GB")
     assert os.path.exists(os.path.join(src, "model.safetensors.index.json")) == ("sharded" in name)
-    model = hf.from_pretrained(src)
+    model = hf.from_pretrained(src, scan_layers="scan" in name)
     cfg = model.cfg
+    assert isinstance(model.dense_blocks, Block) == ("scan" in name)
     assert (cfg.attention_type, cfg.first_k_dense, cfg.kv_heads) == ("gqa", 2, over["num_key_value_heads"])
     assert cfg.tie_word_embeddings == over.get("tie_word_embeddings", False) and cfg.qkv_bias == (kind == "Qwen2")
     ids = _ids()

@@ -48,6 +48,32 @@ def test_count_params_cli(capsys):
     assert abs(int(out[-3].split()[1]) - 671e9) / 671e9 < 0.01
 
 
+@pytest.mark.parametrize(
+    "name, published",
+    [
+        ("llama3_1_8b", 8.03e9),  # model card: 8.03B
+        ("llama3_1_405b", 405.9e9),  # model card: 405.9B (hf.co/meta-llama/Llama-3.1-405B, safetensors)
+        ("qwen2_5_32b", 32.5e9),  # Qwen2.5-32B / QwQ-32B model card: 32.5B
+    ],
+)
+def test_dense_presets_counts(name, published):
+    cfg = presets.get(name)
+    c = count_params(cfg)
+    assert abs(c["total_params"] - published) / published < 0.01, c["total_params"]
+    assert c["activated_params"] == c["total_params"] and c["mtp_params"] == 0  # dense: all of it, every token
+    assert set(c["components"]) == {
+        "embed",
+        "head",
+        "final_norm",
+        "dense_blocks.attention",
+        "dense_blocks.ffn",
+        "dense_blocks.norms",
+    }
+    if name == "qwen2_5_32b":  # 31.0B without the embedding and the head (model card)
+        non_embedding = c["total_params"] - c["components"]["embed"] - c["components"]["head"]
+        assert abs(non_embedding - 31.0e9) / 31.0e9 < 0.01
+
+
 def test_qwen3_30b_a3b_counts():
     c = count_params(presets.qwen3_30b_a3b())
     total, comps = c["total_params"], c["components"]
