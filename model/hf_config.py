@@ -242,12 +242,16 @@ def config_from_hf(
     if dtype is None:
         src = g("torch_dtype") or g("dtype") or "float32"
         dtype = "bfloat16" if q is not None else {"float8_e4m3fn": "bfloat16"}.get(src, src)
-    fields.update(param_dtype=dtype, dtype=dtype)
+    return with_execution(fields, dtype, overrides)
+
+
+def with_execution(fields: dict, dtype: str, overrides: dict) -> ModelConfig:
+    """The model ``fields`` from config.json, stored and computed in ``dtype``, run with the execution
+    ``overrides`` (``EXEC_FIELDS`` only: anything else would change the model)."""
     bad = sorted(set(overrides) - set(EXEC_FIELDS))
     if bad:
         raise ValueError(f"from_pretrained overrides {bad} would change the model; only {EXEC_FIELDS} may be set")
-    fields.update(overrides)
-    return ModelConfig(**fields)
+    return ModelConfig(**{**fields, "param_dtype": dtype, "dtype": dtype, **overrides})
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:

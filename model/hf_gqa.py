@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Optional
 
 from model.config import Llama3RopeConfig, ModelConfig
-from model.hf_config import EXEC_FIELDS, _need, _yarn_from_hf, yarn_to_hf
+from model.hf_config import _need, _yarn_from_hf, with_execution, yarn_to_hf
 
 # architecture -> (model_type, q/k/v biases, per-head q/k norm): what each transformers class fixes
 ARCHITECTURES = {
@@ -147,14 +147,7 @@ def config_from_hf(
         mtp_depth=0,
         **_rope_from_hf(rope, g("max_position_embeddings")),
     )
-    if dtype is None:
-        dtype = g("torch_dtype") or g("dtype") or "float32"
-    fields.update(param_dtype=dtype, dtype=dtype)
-    bad = sorted(set(overrides) - set(EXEC_FIELDS))
-    if bad:
-        raise ValueError(f"from_pretrained overrides {bad} would change the model; only {EXEC_FIELDS} may be set")
-    fields.update(overrides)
-    return ModelConfig(**fields)
+    return with_execution(fields, dtype or g("torch_dtype") or g("dtype") or "float32", overrides)
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:

@@ -16,7 +16,7 @@ from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from model import hf  # noqa: E402
 from model.block import Block  # noqa: E402
-from tests.model.test_hf import PARITY_ATOL  # noqa: E402
+from tests.model.test_hf import PARITY_ATOL, _hf_logits  # noqa: E402
 
 V = 96
 BASE = dict(
@@ -59,11 +59,6 @@ def _hf_model(kind, **over):
             else:
                 p.normal_(0, 0.5 / p.shape[-1] ** 0.5 if p.ndim >= 2 else 0.1)
     return m
-
-
-def _hf_logits(m, ids):
-    with torch.no_grad():
-        return m(torch.tensor(np.asarray(ids))).logits.float().numpy()
 
 
 def _ids(b=2, t=24, seed=0):
