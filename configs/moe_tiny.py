@@ -14,7 +14,8 @@ from configs.base import build
 
 
 def get_config(preset: str = "moe_tiny"):
-    """``preset``: the model (``model/presets.py``); ``configs/llama_tiny.py`` is this with "llama_tiny"."""
+    """``preset``: the model (``model/presets.py``); ``configs/llama_tiny.py`` and
+    ``configs/qwen_moe_tiny.py`` are this with "llama_tiny" and "qwen_moe_tiny"."""
     c = build(preset)
     c.train.steps = 400
     c.train.global_batch_size = 32

@@ -114,6 +114,12 @@ class ModelConfig:
     # on each device. Evaluation and generation are always dropless.
     capacity_factor: Optional[float] = None
     moe_block_rows: int = 64  # rows per tile of the grouped expert matmul (XLA path)
+    # Qwen-MoE (Qwen2 report arXiv 2407.10671 Sec. 2.2.2; Qwen3 report arXiv 2505.09388 Sec. 2) is
+    # the fields above with score_fn="softmax", n_group=1, use_aux_free_bias=False,
+    # routed_scaling_factor=1.0, norm_topk_prob as HF's, and n_shared_experts=0 (Qwen3-MoE) or
+    # shared_expert_intermediate_size / moe_intermediate_size (Qwen2-MoE), plus this gate:
+    # Qwen2-MoE scales the shared experts' output by sigmoid(u_t . w_g) per token (shared_expert_gate)
+    shared_expert_gate: bool = False
 
     # --- MTP (V3 report Sec. 2.2) ---
     mtp_depth: int = 1  # D sequential MTP modules; 0 disables
@@ -169,6 +175,10 @@ class ModelConfig:
             f"first_k_dense={self.first_k_dense} must be in [0, n_layers={self.n_layers}]",
         )
         need(self.n_shared_experts >= 0, f"n_shared_experts must be >= 0, got {self.n_shared_experts}")
+        need(
+            not self.shared_expert_gate or self.n_shared_experts > 0,
+            "shared_expert_gate=True gates the shared experts: needs n_shared_experts > 0",
+        )
         need(
             self.n_experts_per_tok <= self.n_routed_experts,
             f"n_experts_per_tok={self.n_experts_per_tok} exceeds n_routed_experts={self.n_routed_experts}",

@@ -118,6 +118,5 @@ def small_batch_moe(
     else:
         routed = routed_gather if m * k < e else routed_dense
         out = routed(xt, r.ids, r.gates, moe.w_gate[...], moe.w_up[...], moe.w_down[...], dt)  # [m, d] f32
-    if moe.shared is not None:
-        out = out + moe.shared(xt).astype(jnp.float32)
+    out = out + moe.shared_experts(xt)
     return out.reshape(b, t, d).astype(x.dtype)

@@ -15,7 +15,8 @@ Layout differences (torch Linear weights are [out, in]; ours are [in, ..., out])
   kv_a_proj_with_mqa [c+r, d] -> wkv_a [d, c+r]   kv_b_proj [h(n+v), c] -> wkv_b [c, h, n+v]
   o_proj [d, hv] -> wo [h, v, d]
   mlp.experts.{i}.{gate,up}_proj [f, d] -> w_gate/w_up[i] [d, f]; down_proj [d, f] -> w_down[i] [f, d]
-  mlp.shared_experts.* -> mlp.shared (one SwiGLU of width n_shared * f)
+  mlp.shared_experts.* -> mlp.shared (one SwiGLU of width n_shared * f; Qwen2-MoE: mlp.shared_expert.*)
+  mlp.shared_expert_gate.weight [1, d] -> mlp.shared_gate [d, 1] (Qwen2-MoE)
   mlp.gate.weight [e, d] -> router.weight [d, e]; mlp.gate.e_score_correction_bias -> router.bias
   model.layers.{N + k}.{enorm, hnorm, eh_proj, shared_head.norm, <block>} -> mtp[k] (transformers
   drops these; we keep them). Their ``embed_tokens`` / ``shared_head.head`` copies are the main
@@ -41,26 +42,31 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from model import hf_config, hf_gqa
+from model import hf_config, hf_gqa, hf_qwen_moe
 from model.config import ModelConfig
 from model.hf_config import EXEC_FIELDS  # noqa: F401 (re-exported)
 from model.transformer import Transformer
 
-ARCHITECTURES = hf_config.ARCHITECTURES + tuple(hf_gqa.ARCHITECTURES)
+ARCHITECTURES = hf_config.ARCHITECTURES + tuple(hf_gqa.ARCHITECTURES) + tuple(hf_qwen_moe.ARCHITECTURES)
 
 
 def config_from_hf(hf: dict, **kw) -> ModelConfig:
-    """config.json -> ModelConfig: ``model/hf_gqa.py`` for Llama / Qwen2 / Qwen3, else
-    ``model/hf_config.py`` (DeepSeek-V3 / V2, which names what it refuses)."""
+    """config.json -> ModelConfig: ``model/hf_gqa.py`` for Llama / Qwen2 / Qwen3, ``model/hf_qwen_moe.py``
+    for Qwen3-MoE / Qwen2-MoE, else ``model/hf_config.py`` (DeepSeek-V3 / V2, which names what it refuses)."""
     arch = (hf.get("architectures") or [None])[0]
     hf_config._need(
         arch in ARCHITECTURES, "architectures", hf.get("architectures"), f"supported: {list(ARCHITECTURES)}"
     )
-    return (hf_gqa if arch in hf_gqa.ARCHITECTURES else hf_config).config_from_hf(hf, **kw)
+    for mapping in (hf_gqa, hf_qwen_moe):
+        if arch in mapping.ARCHITECTURES:
+            return mapping.config_from_hf(hf, **kw)
+    return hf_config.config_from_hf(hf, **kw)
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
-    return (hf_gqa if cfg.attention_type == "gqa" else hf_config).config_to_hf(cfg)
+    if cfg.attention_type == "mla":
+        return hf_config.config_to_hf(cfg)
+    return (hf_qwen_moe if cfg.n_moe_layers else hf_gqa).config_to_hf(cfg)
 
 
 _INDEX = "model.safetensors.index.json"
@@ -124,9 +130,12 @@ def _block_specs(cfg: ModelConfig, pre: str, path: tuple, idx: tuple, moe: bool)
         add(f"mlp.experts.{i}.down_proj.weight", ("mlp", "w_down"), (d, f), extra=(i,))
     if cfg.n_shared_experts:
         fs = cfg.n_shared_experts * f
-        add("mlp.shared_experts.gate_proj.weight", ("mlp", "shared", "w_gate"), (fs, d))
-        add("mlp.shared_experts.up_proj.weight", ("mlp", "shared", "w_up"), (fs, d))
-        add("mlp.shared_experts.down_proj.weight", ("mlp", "shared", "w_down"), (d, fs))
+        sh = "mlp.shared_expert" if cfg.shared_expert_gate else "mlp.shared_experts"  # Qwen2-MoE's name : DeepSeek's
+        add(f"{sh}.gate_proj.weight", ("mlp", "shared", "w_gate"), (fs, d))
+        add(f"{sh}.up_proj.weight", ("mlp", "shared", "w_up"), (fs, d))
+        add(f"{sh}.down_proj.weight", ("mlp", "shared", "w_down"), (d, fs))
+    if cfg.shared_expert_gate:
+        add("mlp.shared_expert_gate.weight", ("mlp", "shared_gate"), (1, d))
     return out
 
 

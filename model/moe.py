@@ -3,6 +3,12 @@ routed experts, computed at the cost of the *activated* experts only.
 
   h'_t = u_t + sum_{i<=N_s} FFN_i^(s)(u_t) + sum_{i<=N_r} g_{i,t} FFN_i^(r)(u_t)
 
+Qwen-MoE (Qwen2 report arXiv 2407.10671 Sec. 2.2.2, Qwen3 report arXiv 2505.09388 Sec. 2) is the
+same layer with a softmax router over all experts (``model/router.py``), no shared expert (Qwen3)
+or, in Qwen2-MoE (``shared_expert_gate``), a shared part scaled per token by a scalar gate:
+
+  h'_t = u_t + sigmoid(u_t . w_g) FFN^(s)(u_t) + sum_{i<=N_r} g_{i,t} FFN_i^(r)(u_t)
+
 The routed part is one pipeline, ``routed``: router (``model/router.py``) -> dispatch (sort the
 m*k (token, slot) assignments by expert into a buffer, ``model/dispatch.py``) -> experts (one
 grouped matmul per SwiGLU projection over the buffer, ``model/grouped_matmul.py``, cost ~ m*k*d*f
@@ -102,6 +108,20 @@ class MoE(nnx.Module):
             if cfg.n_shared_experts > 0
             else None
         )
+        # w_g [d, 1]: f32 like the router, whose precision-sensitive role it shares (Qwen2-MoE)
+        self.shared_gate = (
+            linear_param((d, 1), d, jnp.float32, ("embed", None), rngs=rngs) if cfg.shared_expert_gate else None
+        )
+
+    def shared_experts(self, x: jax.Array) -> jax.Array:
+        """The shared part of x [..., d] (compute dtype): [..., d] f32, zero without shared experts."""
+        if self.shared is None:
+            return jnp.zeros(x.shape, jnp.float32)
+        y = self.shared(x).astype(jnp.float32)
+        if self.shared_gate is not None:
+            gate = jnp.einsum("...d,do->...o", x.astype(jnp.float32), self.shared_gate[...])  # [..., 1]
+            y = y * jax.nn.sigmoid(gate)
+        return y
 
     def __call__(
         self, x: jax.Array, segment_ids: jax.Array, *, train: bool = False, ep: moe_ep.ExpertParallel | None = None
@@ -121,6 +141,4 @@ class MoE(nnx.Module):
             self.w_down[...],
         )
         out, aux = body(*args) if ep is None else moe_ep.shard(body, ep, *args)
-        if self.shared is not None:
-            out = out + self.shared(xt).astype(jnp.float32)
-        return out.astype(x.dtype), aux
+        return (out + self.shared_experts(xt)).astype(x.dtype), aux

@@ -55,5 +55,6 @@ def dense_moe_reference(
         out = out + w[:, None] * y
     if moe.shared is not None:
         s = moe.shared
-        out = out + (jax.nn.silu(xt @ s.w_gate[...]) * (xt @ s.w_up[...])) @ s.w_down[...]
+        y = (jax.nn.silu(xt @ s.w_gate[...]) * (xt @ s.w_up[...])) @ s.w_down[...]  # [m, d]
+        out = out + (y if moe.shared_gate is None else jax.nn.sigmoid(xt @ moe.shared_gate[...]) * y)
     return out.reshape(b, t, d), dropped

@@ -26,7 +26,7 @@ def _component(path: tuple) -> str:
         return f"{kind}_blocks.attention"
     if "router" in keys:
         return "moe_blocks.router"
-    if "shared" in keys:
+    if "shared" in keys or "shared_gate" in keys:
         return "moe_blocks.shared_experts"
     if any(k in ("w_gate", "w_up", "w_down") for k in keys) and kind == "moe":
         return "moe_blocks.routed_experts"

@@ -190,9 +190,68 @@ def qwen2_5_32b() -> ModelConfig:
     )
 
 
+# Qwen-MoE's router (model/router.py): softmax over all experts, plain top-k, no selection bias,
+# gates not scaled; Qwen3-MoE has no shared expert and per-head q/k RMSNorm.
+_QWEN3_MOE = dict(
+    attention_type="gqa",
+    qk_norm=True,
+    first_k_dense=0,
+    n_shared_experts=0,
+    score_fn="softmax",
+    n_group=1,
+    topk_group=1,
+    norm_topk_prob=True,
+    routed_scaling_factor=1.0,
+    use_aux_free_bias=False,
+    mtp_depth=0,
+    rope_theta=1000000.0,
+)
+
+
+def qwen_moe_tiny() -> ModelConfig:
+    """Qwen3-MoE's structure at moe_tiny's size: GQA (4 query heads on 2 KV heads, q/k norms), 4 MoE
+    blocks of 16 experts (top-4, normalised softmax gates, no shared expert), untied head, no MTP."""
+    return ModelConfig(n_heads=4, n_kv_heads=2, head_dim=32, n_layers=4, **_QWEN3_MOE)
+
+
+def qwen3_30b_a3b() -> ModelConfig:
+    """Qwen3-30B-A3B (30.5B total, 3.3B activated; Qwen3 report arXiv 2505.09388 Table 2 and the
+    released config.json: 48 MoE blocks of 128 experts, top-8, moe_intermediate_size 768, 32 query
+    heads on 4 KV heads of dim 128, vocab 151936, untied head)."""
+    return ModelConfig(
+        vocab_size=151936,
+        d_model=2048,
+        n_layers=48,
+        dense_ffn_dim=6144,  # intermediate_size: unused, every block is MoE
+        n_heads=32,
+        n_kv_heads=4,
+        head_dim=128,
+        rms_eps=1e-6,
+        max_seq_len=40960,
+        n_routed_experts=128,
+        n_experts_per_tok=8,
+        moe_ffn_dim=768,
+        dtype="bfloat16",
+        scan_layers=True,
+        remat="full",
+        **_QWEN3_MOE,
+    )
+
+
 PRESETS = {
     f.__name__: f
-    for f in (moe_tiny, small, deepseek_v2_lite, deepseek_v3_671b, llama_tiny, llama3_1_8b, llama3_1_405b, qwen2_5_32b)
+    for f in (
+        moe_tiny,
+        small,
+        deepseek_v2_lite,
+        deepseek_v3_671b,
+        llama_tiny,
+        llama3_1_8b,
+        llama3_1_405b,
+        qwen2_5_32b,
+        qwen_moe_tiny,
+        qwen3_30b_a3b,
+    )
 }
 
 

@@ -11,11 +11,13 @@ For token u_t [d] and expert centroids e_i:
   g_{i,t} = s_{i,t} / sum_{j in TopK} s_{j,t}   (if norm_topk_prob) ; then * routed_scaling_factor
 
 The gate values never include b (eq. 16). The router's matmul, scores and gates are f32, as in
-DeepSeek's code. The selection itself is ``kernels_pallas/router``: its jnp ``route_reference``
-(kernels_impl "scan" / "ragged_dot") or the fused Pallas kernel ("pallas"), one switch
-(``kernels_pallas/backend.py``). ``Router`` holds the centroids and the bias (a ``RouterBias``
-variable, outside the optimizer, updated by ``model/balance.py``); it returns the per-expert load
-of its call instead of storing it.
+DeepSeek's code. Qwen-MoE (score_fn="softmax", n_group=1, use_aux_free_bias=False,
+routed_scaling_factor=1) is exactly transformers' ``Qwen2MoeTopKRouter``: softmax in f32, top-k,
+renormalised if norm_topk_prob (``tests/model/test_qwen_moe.py``). The selection itself is
+``kernels_pallas/router``: its jnp ``route_reference`` (kernels_impl "scan" / "ragged_dot") or the
+fused Pallas kernel ("pallas"), one switch (``kernels_pallas/backend.py``). ``Router`` holds the
+centroids and the bias (a ``RouterBias`` variable, outside the optimizer, updated by
+``model/balance.py``); it returns the per-expert load of its call instead of storing it.
 """
 
 from typing import NamedTuple

@@ -16,6 +16,7 @@ q = q_lora_rank, c = kv_lora_rank, d_qk = nope + rope, per block:
                                   out: h*v_head_dim*d
     dense SwiGLU:                 3*d*f                       (first_k_dense blocks)
     DeepSeekMoE (V3 Sec. 2.1.2):  d*E + (S + K) * 3*d*f_e     (router + activated experts)
+                                  + d with Qwen2-MoE's shared_expert_gate
     output head:                  d*V
     MTP module (V3 Sec. 2.2):     2d*d + MLA + MoE + d*V      per depth (the head is shared but
                                   runs once more per depth); counted when include_mtp.
@@ -39,6 +40,7 @@ def activated_params(cfg, *, include_mtp: bool = True) -> dict:
     attn = q + kv + h * cfg.v_head_dim * d
     dense = 3 * d * cfg.dense_ffn_dim
     moe = d * cfg.n_routed_experts + (cfg.n_shared_experts + cfg.n_experts_per_tok) * 3 * d * cfg.moe_ffn_dim
+    moe += d * cfg.shared_expert_gate
     head = d * cfg.vocab_size
     out = {
         "attention": cfg.n_layers * attn,

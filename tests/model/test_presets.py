@@ -72,3 +72,17 @@ def test_dense_presets_counts(name, published):
     if name == "qwen2_5_32b":  # 31.0B without the embedding and the head (model card)
         non_embedding = c["total_params"] - c["components"]["embed"] - c["components"]["head"]
         assert abs(non_embedding - 31.0e9) / 31.0e9 < 0.01
+
+
+def test_qwen3_30b_a3b_counts():
+    c = count_params(presets.qwen3_30b_a3b())
+    total, comps = c["total_params"], c["components"]
+    assert abs(total - 30.5e9) / 30.5e9 < 0.01  # model card: 30.5B in total (ours 30.53B)
+    non_embedding = total - comps["embed"] - comps["head"]
+    assert abs(non_embedding - 29.9e9) / 29.9e9 < 0.01  # model card: 29.9B non-embedding
+    # Model card "3.3B activated": ours is 3.353B (48 x (attention + router + 8 of 128 experts) plus
+    # the embedding and the head); the card truncates to one decimal, as "22B" for Qwen3-235B-A22B's
+    # 22.19B by the same count.
+    assert 3.3e9 <= c["activated_params"] < 3.4e9
+    assert "moe_blocks.shared_experts" not in comps and not any(k.startswith("dense") for k in comps)
+    assert c["mtp_params"] == 0

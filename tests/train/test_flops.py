@@ -61,6 +61,13 @@ def test_no_q_lora_and_no_mtp():
     assert parts["mtp"] == 0
 
 
+def test_qwen2_moe_shared_expert_gate_counts_its_d_weights():
+    """Qwen2-MoE's shared-expert gate w_g [d, 1] is one more d-vector per MoE layer (and MTP module)."""
+    plain = flops.activated_params(_cfg(score_fn="softmax"))
+    gated = flops.activated_params(_cfg(score_fn="softmax", shared_expert_gate=True))
+    assert gated["moe_ffn"] - plain["moe_ffn"] == 2 * 16 and gated["mtp"] - plain["mtp"] == 16
+
+
 @pytest.mark.parametrize("q_lora_rank", [64, None])
 def test_flops_match_xla_cost_analysis(q_lora_rank):
     """FLOPs per step = XLA's own count of the compiled forward + backward, within the elementwise
