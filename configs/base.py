@@ -15,7 +15,7 @@ from train.data import default_data_config
 from train.optimizer import default_optimizer_config
 
 # Optional model fields: placeholders keep their type so they can be set from the command line.
-_OPTIONAL = {"q_lora_rank": int, "capacity_factor": float}
+_OPTIONAL = {"q_lora_rank": int, "capacity_factor": float, "n_kv_heads": int, "head_dim": int}
 
 
 def model_config_dict(preset: str) -> ml_collections.ConfigDict:
@@ -24,7 +24,7 @@ def model_config_dict(preset: str) -> ml_collections.ConfigDict:
     d = {}
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
-        if f.name == "yarn":
+        if f.name in ("yarn", "llama3_rope"):
             v = None if v is None else ml_collections.ConfigDict(dataclasses.asdict(v))
         elif f.name in _OPTIONAL:
             v = (

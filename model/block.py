@@ -1,5 +1,7 @@
-"""One pre-norm transformer block: x + MLA(norm(x)), then x + FFN(norm(x)), where FFN is a dense
-SwiGLU (first ``first_k_dense`` blocks) or a DeepSeekMoE layer (DeepSeek-V3 report Sec. 2.1)."""
+"""One pre-norm transformer block: x + Attn(norm(x)), then x + FFN(norm(x)), where Attn is MLA
+(DeepSeek-V3 report Sec. 2.1.1) or grouped-query attention (``model/gqa.py``, Llama / Qwen) by
+``attention_type``, and FFN is a dense SwiGLU (first ``first_k_dense`` blocks) or a DeepSeekMoE
+layer (DeepSeek-V3 report Sec. 2.1.2)."""
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +9,7 @@ from flax import nnx
 
 from model.config import ModelConfig
 from model.ffn import SwiGLU
+from model.gqa import GQA
 from model.mla import MLA
 from model.moe import MoE
 from model.norms import RMSNorm
@@ -32,7 +35,7 @@ class Block(nnx.Module):
         self.is_moe = moe
         self.n_experts = cfg.n_routed_experts
         self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.rms_eps, param_dtype=cfg.param_dtype)
-        self.attn = MLA(cfg, rngs=rngs)
+        self.attn = MLA(cfg, rngs=rngs) if cfg.attention_type == "mla" else GQA(cfg, rngs=rngs)
         self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.rms_eps, param_dtype=cfg.param_dtype)
         self.mlp = (
             MoE(cfg, rngs=rngs)

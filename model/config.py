@@ -18,6 +18,7 @@ _KERNEL_IMPLS = ("auto", "scan", "ragged_dot", "pallas")  # kernels_pallas/backe
 # Each policy is implemented in ``model/transformer.py`` and tested against "none" (gradients).
 _REMAT = ("none", "full", "dots", "dots_no_batch")
 _DTYPES = ("float32", "bfloat16", "float16")
+_ATTENTION_TYPES = ("mla", "gqa")
 # Fields that change how the model runs, not what it is (``ModelConfig.identity`` leaves them out).
 EXECUTION_FIELDS = (
     "kernels_impl",
@@ -46,6 +47,17 @@ class YarnConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class Llama3RopeConfig:
+    """Llama 3.1's RoPE frequency scaling (HF ``rope_scaling = {"rope_type": "llama3", ...}``, same
+    field names; ``model/rope.py`` has the formula). Defaults are Llama-3.1's released values."""
+
+    factor: float = 8.0  # wavelengths above old_context / low_freq_factor are divided by this
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0  # wavelengths below old_context / high_freq_factor are kept
+    original_max_position_embeddings: int = 8192  # old_context
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """DeepSeek-V3-style decoder. Defaults are ``moe_tiny``; see ``model/presets.py`` for sizes."""
 
@@ -66,8 +78,21 @@ class ModelConfig:
     qk_rope_head_dim: int = 8  # d_h^R of the decoupled RoPE part (key shared by all heads)
     v_head_dim: int = 16
     rope_theta: float = 10000.0
-    rope_interleave: bool = True  # checkpoint stores rope dims pair-interleaved (DeepSeek's layout)
+    # MLA only: checkpoint stores rope dims pair-interleaved (DeepSeek's layout); GQA always rotates
+    # in HF's rotate-half layout (Llama / Qwen checkpoints)
+    rope_interleave: bool = True
     yarn: Optional[YarnConfig] = None  # None = plain RoPE
+
+    # --- GQA / dense (Ainslie et al. 2023; Llama 3 report Sec. 3.1.1; Qwen2 report Sec. 2.1) ---
+    attention_type: str = "mla"  # "mla" (the fields above) | "gqa" (model/gqa.py: the fields below)
+    n_kv_heads: Optional[int] = None  # g (num_key_value_heads): divides n_heads; None = n_heads (MHA)
+    head_dim: Optional[int] = None  # (head_dim) of q, k and v; None = d_model // n_heads
+    qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2; no o_proj bias)
+    qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (Qwen3 q_norm / k_norm)
+    llama3_rope: Optional[Llama3RopeConfig] = None  # rope_scaling.rope_type "llama3"; None = none
+    tie_word_embeddings: bool = False  # output head = embedding^T (tie_word_embeddings)
+    # A dense model (Llama, Qwen2.5) is first_k_dense = n_layers: every block a dense_ffn_dim SwiGLU,
+    # and the DeepSeekMoE fields below are unused (they still validate with their defaults).
 
     # --- DeepSeekMoE (V3 report Sec. 2.1.2) ---
     n_routed_experts: int = 16  # N_r
@@ -184,6 +209,34 @@ class ModelConfig:
         )
         if isinstance(self.yarn, Mapping):  # allow a plain dict from a config file
             object.__setattr__(self, "yarn", YarnConfig(**self.yarn))
+        if isinstance(self.llama3_rope, Mapping):
+            object.__setattr__(self, "llama3_rope", Llama3RopeConfig(**self.llama3_rope))
+        need(
+            self.attention_type in _ATTENTION_TYPES,
+            f"attention_type must be one of {_ATTENTION_TYPES}, got {self.attention_type!r}",
+        )
+        for name in ("n_kv_heads", "head_dim"):
+            v = getattr(self, name)
+            need(v is None or (isinstance(v, int) and v > 0), f"{name} must be None or a positive int, got {v!r}")
+        need(
+            self.n_heads % self.kv_heads == 0,
+            f"n_kv_heads={self.kv_heads} must divide n_heads={self.n_heads} (each KV head serves a group)",
+        )
+        need(
+            self.yarn is None or self.llama3_rope is None, "yarn and llama3_rope are two RoPE scalings: set at most one"
+        )
+        if self.attention_type == "mla":  # the GQA fields would be silently ignored
+            need(
+                self.n_kv_heads is None
+                and self.head_dim is None
+                and not self.qkv_bias
+                and not self.qk_norm
+                and self.llama3_rope is None,
+                "n_kv_heads, head_dim, qkv_bias, qk_norm and llama3_rope are GQA fields (attention_type='gqa')",
+            )
+        else:  # GQA: the MLA sizes above are unused
+            hd = self.attn_head_dim
+            need(hd > 0 and hd % 2 == 0, f"GQA head_dim must be a positive even int (RoPE rotates pairs), got {hd}")
 
     # --- derived sizes ---
     @property
@@ -191,15 +244,26 @@ class ModelConfig:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
     @property
+    def kv_heads(self) -> int:
+        """g: KV heads of GQA (n_heads when ``n_kv_heads`` is None)."""
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def attn_head_dim(self) -> int:
+        """GQA's head dim (``head_dim``, else d_model // n_heads)."""
+        return self.d_model // self.n_heads if self.head_dim is None else self.head_dim
+
+    @property
     def n_moe_layers(self) -> int:
         return self.n_layers - self.first_k_dense
 
     @property
     def softmax_scale(self) -> float:
-        """1/sqrt(d_h + d_h^R), times YaRN's mscale^2 as DeepSeek's reference code applies it."""
+        """1/sqrt(d_h + d_h^R) (MLA) or 1/sqrt(head_dim) (GQA), times YaRN's mscale^2 as DeepSeek's
+        reference code applies it (1 when mscale_all_dim = 0, transformers' Llama/Qwen YaRN)."""
         import math
 
-        scale = self.qk_head_dim**-0.5
+        scale = (self.qk_head_dim if self.attention_type == "mla" else self.attn_head_dim) ** -0.5
         if self.yarn is not None and self.yarn.mscale_all_dim:
             m = 0.1 * self.yarn.mscale_all_dim * math.log(self.yarn.factor) + 1.0 if self.yarn.factor > 1 else 1.0
             scale = scale * m * m
@@ -215,6 +279,8 @@ class ModelConfig:
         d = dict(d)
         if d.get("yarn") is not None and not isinstance(d["yarn"], YarnConfig):
             d["yarn"] = YarnConfig(**dict(d["yarn"]))
+        if d.get("llama3_rope") is not None and not isinstance(d["llama3_rope"], Llama3RopeConfig):
+            d["llama3_rope"] = Llama3RopeConfig(**dict(d["llama3_rope"]))
         return cls(**d)
 
     def identity(self) -> dict:

@@ -20,6 +20,11 @@ Two caches, same model:
 * ``"naive"``: the expanded per-head keys [h, n + r] and values [h, v] (h (n + r + v) numbers per
   token and layer, 40960 for DeepSeek-V3), attention as in ``MLA.__call__``. For comparison only.
 
+A grouped-query attention model (``attention_type = "gqa"``, ``model/gqa.py``) has one cache,
+whichever ``kind``: the rotated keys and the values of its j KV heads, [j, k] each (2 j k numbers
+per token and layer: 2 x 8 x 128 = 2048 for Llama-3.1-8B). The p = h / j query heads of a group
+read their KV head in place (a grouped einsum); nothing is repeated.
+
 Batching: prompts are right-padded to a common length; row i's token j sits in cache slot j at
 position j, so a query at position p attends to slots <= p (padding slots past a prompt's end are
 overwritten by that row's generated tokens before any query can see them). Only the main model's
@@ -40,6 +45,8 @@ from flax import nnx
 from model import sampling as sampling_lib
 from model.config import ModelConfig
 from model.decode_experts import small_batch_moe
+from model.gqa import GQA
+from model.linear import linear
 from model.mla import MLA
 from model.rope import rope_angles
 from model.sampling import Sampling
@@ -54,6 +61,8 @@ KINDS = ("absorbed", "naive")
 def cache_shapes(cfg: ModelConfig, kind: str) -> dict:
     """Per-token, per-layer cache entries: name -> trailing shape."""
     h, n, r, v, c = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+    if kind in KINDS and cfg.attention_type == "gqa":  # one per-KV-head cache (module docstring)
+        return {"k": (cfg.kv_heads, cfg.attn_head_dim), "v": (cfg.kv_heads, cfg.attn_head_dim)}
     if kind == "absorbed":
         return {"c_kv": (c,), "k_rope": (r,)}
     if kind == "naive":
@@ -98,9 +107,10 @@ def absorbed(mla: MLA) -> tuple[jax.Array, jax.Array]:
 
 
 def decode_weights(model: Transformer, mtp: bool = False) -> tuple:
-    """``LayerWeights`` of every main-model block in order, then MTP module 1's block if ``mtp``."""
+    """``LayerWeights`` of every main-model block in order, then MTP module 1's block if ``mtp``
+    (None for a GQA block: it has no up-projections to prepare)."""
     blocks = _blocks(model) + ([model.mtp[0].block] if mtp else [])
-    return tuple(LayerWeights(*absorbed(blk.attn)) for blk in blocks)
+    return tuple(LayerWeights(*absorbed(blk.attn)) if isinstance(blk.attn, MLA) else None for blk in blocks)
 
 
 # ---- one layer ----
@@ -111,16 +121,41 @@ def _write(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
     return cache.at[jnp.arange(cache.shape[0])[:, None], positions].set(new.astype(cache.dtype))
 
 
-def cached_attention(mla: MLA, x: jax.Array, positions: jax.Array, cache: dict, lw: LayerWeights | None = None):
+def _slot_mask(positions: jax.Array, cache: dict) -> jax.Array:
+    """[b, t, S]: a query at position p sees cache slots <= p (module docstring, "Batching")."""
+    slots = jnp.arange(next(iter(cache.values())).shape[1])
+    return slots[None, None, :] <= positions[:, :, None]
+
+
+def gqa_cached_attention(attn: GQA, x: jax.Array, positions: jax.Array, cache: dict):
+    """Grouped-query attention (``model/gqa.py``) over the per-KV-head cache k, v [b, S, j, k]:
+    x [b, t, d] (normed), positions [b, t] -> (out [b, t, d], updated layer cache). Query head
+    j p + i is (KV head j, member i) of the grouped query, as ``jnp.repeat`` pairs them in ``GQA``."""
+    cfg, dt = attn.cfg, jnp.dtype(attn.cfg.dtype)
+    j, p = cfg.kv_heads, cfg.n_heads // cfg.kv_heads
+    q, k, v = attn.qkv(x, *attn.rope(positions))  # [b, t, h, k], [b, t, j, k], [b, t, j, k]
+    cache = {"k": _write(cache["k"], k, positions), "v": _write(cache["v"], v, positions)}
+    qg = q.reshape(q.shape[:2] + (j, p, q.shape[-1]))  # [b, t, j, p, k]
+    scores = jnp.einsum("btjpk,bsjk->bjpts", qg, cache["k"], preferred_element_type=jnp.float32)  # [b, j, p, t, S]
+    mask = _slot_mask(positions, cache)[:, None, None]  # [b, 1, 1, t, S]
+    probs = jax.nn.softmax(jnp.where(mask, scores * cfg.softmax_scale, -1e30), axis=-1).astype(dt)
+    o = jnp.einsum("bjpts,bsjk->btjpk", probs, cache["v"]).reshape(q.shape)  # [b, t, h, k]
+    return linear("bthk,hkd->btd", o, attn.wo[...], dtype=dt), cache
+
+
+def cached_attention(attn, x: jax.Array, positions: jax.Array, cache: dict, lw: LayerWeights | None = None):
     """x [b, t, d] (normed), positions [b, t] -> (out [b, t, d], updated layer cache). ``lw``: W_UK and
-    W_UV prepared by ``decode_weights`` (None: ``absorbed(mla)`` here, same values)."""
+    W_UV prepared by ``decode_weights`` (None: ``absorbed(mla)`` here, same values). ``attn``: an MLA
+    layer (below), or a GQA one (``gqa_cached_attention``; ``lw`` unused)."""
+    if isinstance(attn, GQA):
+        return gqa_cached_attention(attn, x, positions, cache)
+    mla = attn
     cfg, dt = mla.cfg, jnp.dtype(mla.cfg.dtype)
     n = cfg.qk_nope_head_dim
     cos, sin = rope_angles(positions, cfg.qk_rope_head_dim, cfg.rope_theta, cfg.yarn)
     q_nope, q_rope = mla.queries(x, cos, sin)  # [b, t, h, n], [b, t, h, r]
     c_kv, k_rope = mla.latents(x, cos, sin)  # [b, t, c], [b, t, r]
-    slots = jnp.arange(next(iter(cache.values())).shape[1])
-    mask = (slots[None, None, :] <= positions[:, :, None])[:, None]  # [b, 1, t, S]
+    mask = _slot_mask(positions, cache)[:, None]  # [b, 1, t, S]
     if "c_kv" in cache:
         cache = {"c_kv": _write(cache["c_kv"], c_kv, positions), "k_rope": _write(cache["k_rope"], k_rope, positions)}
         ckv, kr = cache["c_kv"], cache["k_rope"]  # [b, S, c], [b, S, r]

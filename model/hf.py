@@ -1,8 +1,8 @@
 """Hugging Face checkpoints in and out: ``from_pretrained(dir) -> Transformer``, ``save_pretrained``.
 
-A Hugging Face DeepSeek directory holds ``config.json`` and one or many ``*.safetensors`` shards
-(``model.safetensors.index.json`` maps tensor -> shard). ``config_from_hf`` (``model/hf_config.py``) maps config.json to a
-``ModelConfig`` (a rename, see ``model/config.py``); anything we cannot represent exactly is an
+A Hugging Face DeepSeek-V3 / V2, Llama, Qwen2 or Qwen3 directory holds ``config.json`` and one or many ``*.safetensors`` shards
+(``model.safetensors.index.json`` maps tensor -> shard). ``config_from_hf`` (``model/hf_config.py``; ``model/hf_gqa.py`` for the
+grouped-query attention models) maps config.json to a ``ModelConfig`` (a rename, see ``model/config.py``); anything we cannot represent exactly is an
 error naming the field. Weights are streamed shard by shard with safetensors' numpy API into an
 abstract model (``nnx.eval_shape``): each parameter's buffer is allocated when its first piece
 arrives and handed to JAX as soon as its last piece (e.g. the last expert) is in, so peak host
@@ -41,9 +41,27 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from model import hf_config, hf_gqa
 from model.config import ModelConfig
-from model.hf_config import ARCHITECTURES, EXEC_FIELDS, config_from_hf, config_to_hf  # noqa: F401 (re-exported)
+from model.hf_config import EXEC_FIELDS  # noqa: F401 (re-exported)
 from model.transformer import Transformer
+
+ARCHITECTURES = hf_config.ARCHITECTURES + tuple(hf_gqa.ARCHITECTURES)
+
+
+def config_from_hf(hf: dict, **kw) -> ModelConfig:
+    """config.json -> ModelConfig: ``model/hf_gqa.py`` for Llama / Qwen2 / Qwen3, else
+    ``model/hf_config.py`` (DeepSeek-V3 / V2, which names what it refuses)."""
+    arch = (hf.get("architectures") or [None])[0]
+    hf_config._need(
+        arch in ARCHITECTURES, "architectures", hf.get("architectures"), f"supported: {list(ARCHITECTURES)}"
+    )
+    return (hf_gqa if arch in hf_gqa.ARCHITECTURES else hf_config).config_from_hf(hf, **kw)
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+    return (hf_gqa if cfg.attention_type == "gqa" else hf_config).config_to_hf(cfg)
+
 
 _INDEX = "model.safetensors.index.json"
 
@@ -76,16 +94,20 @@ def _block_specs(cfg: ModelConfig, pre: str, path: tuple, idx: tuple, moe: bool)
     add("input_layernorm.weight", ("attn_norm", "scale"), (d,), False)
     add("post_attention_layernorm.weight", ("mlp_norm", "scale"), (d,), False)
     a = "self_attn"
-    if cfg.q_lora_rank is None:
+    if cfg.attention_type == "gqa":
+        for name, sub, shape, transpose in hf_gqa.attention_tensors(cfg):
+            add(f"{a}.{name}", sub, shape, transpose)
+    elif cfg.q_lora_rank is None:
         add(f"{a}.q_proj.weight", ("attn", "wq"), (h * (n + r), d))
     else:
         add(f"{a}.q_a_proj.weight", ("attn", "wq_a"), (cfg.q_lora_rank, d))
         add(f"{a}.q_a_layernorm.weight", ("attn", "q_norm", "scale"), (cfg.q_lora_rank,), False)
         add(f"{a}.q_b_proj.weight", ("attn", "wq_b"), (h * (n + r), cfg.q_lora_rank))
-    add(f"{a}.kv_a_proj_with_mqa.weight", ("attn", "wkv_a"), (c + r, d))
-    add(f"{a}.kv_a_layernorm.weight", ("attn", "kv_norm", "scale"), (c,), False)
-    add(f"{a}.kv_b_proj.weight", ("attn", "wkv_b"), (h * (n + v), c))
-    add(f"{a}.o_proj.weight", ("attn", "wo"), (d, h * v))
+    if cfg.attention_type == "mla":
+        add(f"{a}.kv_a_proj_with_mqa.weight", ("attn", "wkv_a"), (c + r, d))
+        add(f"{a}.kv_a_layernorm.weight", ("attn", "kv_norm", "scale"), (c,), False)
+        add(f"{a}.kv_b_proj.weight", ("attn", "wkv_b"), (h * (n + v), c))
+        add(f"{a}.o_proj.weight", ("attn", "wo"), (d, h * v))
     if not moe:
         f = cfg.dense_ffn_dim
         add("mlp.gate_proj.weight", ("mlp", "w_gate"), (f, d))
@@ -113,9 +135,10 @@ def weight_specs(cfg: ModelConfig) -> list[Spec]:
     d, V = cfg.d_model, cfg.vocab_size
     specs = [
         Spec("model.embed_tokens.weight", ("embed",), (), (V, d), False),
-        Spec("lm_head.weight", ("head",), (), (V, d), True),
         Spec("model.norm.weight", ("final_norm", "scale"), (), (d,), False),
     ]
+    if not cfg.tie_word_embeddings:  # tied: transformers writes no lm_head
+        specs.insert(1, Spec("lm_head.weight", ("head",), (), (V, d), True))
     for i in range(cfg.n_layers):
         pre = f"model.layers.{i}"
         if i < cfg.first_k_dense:
@@ -213,7 +236,7 @@ def read_config(path: str) -> dict:
 
 
 def from_pretrained(path: str, *, dtype: Optional[str] = None, **overrides) -> Transformer:
-    """Load a Hugging Face DeepSeek-V3/V2 directory as a ``Transformer`` (``model.cfg`` holds the config).
+    """Load a Hugging Face DeepSeek-V3/V2 or Llama/Qwen2/Qwen3 directory as a ``Transformer`` (``model.cfg`` holds the config).
 
     ``dtype``: param and compute dtype ("float32", "bfloat16"); default the checkpoint's (FP8 ->
     bfloat16). ``overrides``: execution fields (``EXEC_FIELDS``), e.g. ``scan_layers=True``.
@@ -250,6 +273,8 @@ def from_pretrained(path: str, *, dtype: Optional[str] = None, **overrides) -> T
         pending[s.path] = pending.get(s.path, 0) + 1
     buffers, done, filled = {}, {}, set()
     copies, copy_vals = _shared_copies(cfg), {}
+    if cfg.tie_word_embeddings:  # some tied checkpoints store the head as well
+        copies["lm_head.weight"] = "model.embed_tokens.weight"
 
     for file in sorted(set(wmap.values())):
         shard = _Shard(os.path.join(path, file))
@@ -299,7 +324,11 @@ def from_pretrained(path: str, *, dtype: Optional[str] = None, **overrides) -> T
         val = np.asarray(val, np.float32)
         if val.shape != ref.hf_shape or not np.array_equal(val, ours.T if ref.transpose else ours):
             logging.warning(
-                "%s: %s differs from %s; the MTP module shares the main model's, using that.", file, key, copies[key]
+                "%s: %s differs from %s; the model shares one tensor (MTP modules: the main model's "
+                "embedding and head; a tied head: the embedding), using the latter.",
+                file,
+                key,
+                copies[key],
             )
     for p, var in flat.items():
         if p not in done:  # not in the checkpoint: RouterBias when unused

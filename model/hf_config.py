@@ -312,17 +312,21 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     if v3:
         out["rope_interleave"] = cfg.rope_interleave
     if cfg.yarn is not None:
-        y = cfg.yarn
-        out["rope_scaling"] = {
-            "type": "yarn",
-            "rope_type": "yarn",
-            "factor": y.factor,
-            "original_max_position_embeddings": y.original_max_position_embeddings,
-            "beta_fast": y.beta_fast,
-            "beta_slow": y.beta_slow,
-            "mscale": y.mscale,
-            "mscale_all_dim": y.mscale_all_dim,
-            # transformers infers this from mscale/mscale_all_dim only when both are non-zero.
-            "attention_factor": yarn_mscale(y.factor, y.mscale) / yarn_mscale(y.factor, y.mscale_all_dim),
-        }
+        out["rope_scaling"] = yarn_to_hf(cfg.yarn)
     return out
+
+
+def yarn_to_hf(y: YarnConfig) -> dict:
+    """YarnConfig -> transformers' ``rope_scaling`` (the inverse of ``_yarn_from_hf``)."""
+    return {
+        "type": "yarn",
+        "rope_type": "yarn",
+        "factor": y.factor,
+        "original_max_position_embeddings": y.original_max_position_embeddings,
+        "beta_fast": y.beta_fast,
+        "beta_slow": y.beta_slow,
+        "mscale": y.mscale,
+        "mscale_all_dim": y.mscale_all_dim,
+        # transformers infers this from mscale/mscale_all_dim only when both are non-zero.
+        "attention_factor": yarn_mscale(y.factor, y.mscale) / yarn_mscale(y.factor, y.mscale_all_dim),
+    }

@@ -1,5 +1,6 @@
 """The DeepSeek-V3-style decoder: embedding, ``first_k_dense`` dense blocks, MoE blocks, final
-RMSNorm, untied output head, and ``mtp_depth`` MTP modules sharing the embedding and head.
+RMSNorm, output head (untied, or the embedding^T with ``tie_word_embeddings``), and ``mtp_depth``
+MTP modules sharing the embedding and head. A dense model (Llama, Qwen2.5) has first_k_dense = n_layers.
 
 ``Transformer(cfg, rngs=...)(inputs, positions, segment_ids)`` -> ``ModelOutput``. With
 ``cfg.scan_layers`` the MoE blocks are one stacked module run by ``nnx.scan`` (one compiled body);
@@ -45,7 +46,10 @@ class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         d, v, pd = cfg.d_model, cfg.vocab_size, cfg.param_dtype
-        self.embed = param(None, (v, d), pd, ("vocab", "embed"), rngs=rngs, stddev=1.0)
+        # Tied, the embedding is also the head: initialised at the head's scale d^-1/2 (a unit-variance
+        # one would give logits of std sqrt(d)); the blocks start with an RMSNorm, so its scale is free.
+        tied = cfg.tie_word_embeddings
+        self.embed = param(None, (v, d), pd, ("vocab", "embed"), rngs=rngs, stddev=d**-0.5 if tied else 1.0)
         self.dense_blocks = nnx.List([Block(cfg, moe=False, rngs=rngs) for _ in range(cfg.first_k_dense)])
         n_moe = cfg.n_moe_layers
         if cfg.scan_layers and n_moe > 0:
@@ -59,7 +63,8 @@ class Transformer(nnx.Module):
         else:
             self.moe_blocks = nnx.List([Block(cfg, moe=True, rngs=rngs) for _ in range(n_moe)])
         self.final_norm = RMSNorm(d, eps=cfg.rms_eps, param_dtype=pd)
-        self.head = param(None, (d, v), pd, ("embed", "vocab"), rngs=rngs, stddev=d**-0.5)
+        if not tied:
+            self.head = param(None, (d, v), pd, ("embed", "vocab"), rngs=rngs, stddev=d**-0.5)
         self.mtp = nnx.List([MTPModule(cfg, rngs=rngs) for _ in range(cfg.mtp_depth)])
 
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
@@ -67,9 +72,10 @@ class Transformer(nnx.Module):
 
     def logits_from(self, h_normed: jax.Array) -> jax.Array:
         dt = jnp.dtype(self.cfg.dtype)
-        return jnp.einsum(
-            "btd,dv->btv", h_normed.astype(dt), self.head[...].astype(dt), preferred_element_type=jnp.float32
-        )
+        h = h_normed.astype(dt)
+        if self.cfg.tie_word_embeddings:
+            return jnp.einsum("btd,vd->btv", h, self.embed[...].astype(dt), preferred_element_type=jnp.float32)
+        return jnp.einsum("btd,dv->btv", h, self.head[...].astype(dt), preferred_element_type=jnp.float32)
 
     def run_blocks(self, x, positions, segment_ids, train: bool = False, ep=None):
         """Main-model blocks: x [b, t, d] -> (x, aux)."""

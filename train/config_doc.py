@@ -64,7 +64,7 @@ def _dataclass_comments(cls, prefix: str) -> dict[str, str]:
 def field_comments() -> dict[str, str]:
     """``{"train.steps": "Optimizer steps to run.", ...}`` for every documented field."""
     import configs.base as base
-    from model.config import ModelConfig, YarnConfig
+    from model.config import Llama3RopeConfig, ModelConfig, YarnConfig
     from train.data import default_data_config
     from train.optimizer import default_optimizer_config
 
@@ -76,6 +76,7 @@ def field_comments() -> dict[str, str]:
     out.update(_comments_above_assignments(inspect.getsource(default_optimizer_config), {"c.": "optimizer."}))
     out.update(_dataclass_comments(ModelConfig, "model."))
     out.update(_dataclass_comments(YarnConfig, "model.yarn."))
+    out.update(_dataclass_comments(Llama3RopeConfig, "model.llama3_rope."))
     out["kernels.impl"] = out.get("kernels", "")  # `c.kernels = ConfigDict({"impl": ...})` under its comment
     out.pop("kernels", None)
     return out

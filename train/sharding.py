@@ -57,6 +57,7 @@ RULES: dict[str, tuple[str, ...]] = {
     "kv_lora": ("fsdp", "expert"),  # wkv_b [c, h, n+v]
     "vocab": ("tensor",),
     "heads": ("tensor",),
+    "kv_heads": ("tensor",),  # GQA's k/v projections [d, j, k]: replicated when tensor does not divide j
     "mlp": ("tensor",),
     "expert": ("expert",),
     "expert_mlp": ("tensor",),

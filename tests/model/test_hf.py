@@ -320,7 +320,7 @@ def test_errors_name_the_file_and_tensor_or_field(hf_dir, tmp_path):
         hf.from_pretrained(missing)
 
     for change, pattern in [
-        (dict(architectures=["LlamaForCausalLM"]), "'architectures'"),
+        (dict(architectures=["MistralForCausalLM"]), "'architectures'"),
         (dict(sliding_window=4096), "sliding_window"),
         (dict(hidden_act="gelu"), "'hidden_act'"),
         (dict(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4}), "rope_scaling.type"),
