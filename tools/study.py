@@ -34,14 +34,17 @@ DEFAULT_CONFIG = "configs/study_tiny.py"
 class Arm:
     name: str
     overrides: dict  # dotted config field -> value, e.g. {"model.mtp_depth": 0}
+    config_file: str | None = None  # None: the study's; "file.py:arg" passes arg to get_config
 
 
 def load_config(config_file: str, overrides: dict):
-    """``get_config()`` of ``config_file``, locked (a misspelled field is a KeyError), with ``overrides``."""
-    spec = importlib.util.spec_from_file_location("study_config", config_file)
+    """``get_config()`` of ``config_file`` (``get_config(arg)`` for ``file.py:arg``, as train.main),
+    locked (a misspelled field is a KeyError), with ``overrides``."""
+    path, _, arg = config_file.partition(":")
+    spec = importlib.util.spec_from_file_location("study_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = module.get_config()
+    config = module.get_config(arg) if arg else module.get_config()
     config.lock()
     config.update_from_flattened_dict(overrides)
     return config
@@ -68,8 +71,9 @@ def run_arms(arms: list[Arm], root, *, seeds=(0,), config_file: str = DEFAULT_CO
             name = arm.name if len(seeds) == 1 else f"{arm.name}-s{seed}"
             workdir = root / name
             shutil.rmtree(workdir, ignore_errors=True)  # a study always trains from scratch
-            config = load_config(config_file, overrides)
-            cmd = command(config_file, workdir, overrides)
+            arm_config = arm.config_file or config_file
+            config = load_config(arm_config, overrides)
+            cmd = command(arm_config, workdir, overrides)
             print(f"[study] {name}: {cmd}", flush=True)
             t0 = time.perf_counter()
             summary = train_and_evaluate(config, str(workdir))

@@ -46,18 +46,23 @@ def test_study_balance_aux_loss_arm_end_to_end(tmp_path):
     assert (tmp_path / "balance.png").stat().st_size > 10_000
 
 
-def test_dense_arm_matches_the_moe_training_flops():
-    common = {**study_dense.COMMON}
-    dense = study_dense.matched_dense(study.DEFAULT_CONFIG, common)
+def test_dense_arms_match_the_moe_training_flops():
+    """Both dense arms (MLA blocks; the Llama-style GQA model) have a dense SwiGLU in every block and
+    the MoE's training FLOPs per token, to within one unit of dense_ffn_dim."""
+    common = dict(study_dense.COMMON)
+    moe, *dense = study_dense.arms(study.DEFAULT_CONFIG, common)
     moe_cfg = study.load_config(study.DEFAULT_CONFIG, common)
-    dense_cfg = study.load_config(study.DEFAULT_CONFIG, {**common, **dense})
     seq = moe_cfg.data.seq_len
-    moe_f, dense_f = (
-        model_flops_per_token(ModelConfig.from_dict(c.model.to_dict()), seq) for c in (moe_cfg, dense_cfg)
-    )
-    assert dense_cfg.model.first_k_dense == dense_cfg.model.n_layers
-    per_unit = 6 * 3 * dense_cfg.model.d_model * dense_cfg.model.n_layers  # one more unit of dense_ffn_dim
-    assert abs(dense_f - moe_f) <= per_unit / 2
+    moe_f = model_flops_per_token(ModelConfig.from_dict(moe_cfg.model.to_dict()), seq)
+    kinds = []
+    for arm in dense:
+        cfg = study.load_config(arm.config_file or study.DEFAULT_CONFIG, {**common, **arm.overrides})
+        assert cfg.model.first_k_dense == cfg.model.n_layers
+        dense_f = model_flops_per_token(ModelConfig.from_dict(cfg.model.to_dict()), seq)
+        per_unit = 6 * 3 * cfg.model.d_model * cfg.model.n_layers  # one more unit of dense_ffn_dim
+        assert abs(dense_f - moe_f) <= per_unit / 2
+        kinds.append(cfg.model.attention_type)
+    assert kinds == ["mla", "gqa"]
 
 
 def test_flops_to_reach_interpolates_in_log_flops():
