@@ -55,10 +55,29 @@ def command(config_file: str, workdir: Path, overrides: dict) -> str:
     return f"python -m train.main --config={config_file} --workdir={workdir} {flags}".strip()
 
 
-def run_arms(arms: list[Arm], root, *, seeds=(0,), config_file: str = DEFAULT_CONFIG, common: dict | None = None):
+def _finished_with(workdir: Path, config) -> bool:
+    """Whether ``workdir`` holds a finished study run of exactly ``config`` (``config.json`` as the
+    trainer wrote it, ``train/provenance.py``)."""
+    files = [workdir / n for n in ("summary.json", "config.json", "study_wall.json")]
+    if not all(f.is_file() for f in files):
+        return False
+    want = json.loads(json.dumps(config.to_dict(), sort_keys=True, default=str))
+    return json.loads(files[1].read_text()) == want
+
+
+def run_arms(
+    arms: list[Arm],
+    root,
+    *,
+    seeds=(0,),
+    config_file: str = DEFAULT_CONFIG,
+    common: dict | None = None,
+    reuse: bool = False,
+):
     """Train every arm at every seed (``common`` overrides first, e.g. ``train.steps``) -> records:
     dicts with name, seed, overrides, command, wall_s, summary, config (the resolved one) and rows
-    (the run's metric lines, not written to the table)."""
+    (the run's metric lines, not written to the table). ``reuse``: keep an arm's finished run when
+    its workdir holds one of the same resolved config (e.g. to add a seed), else train afresh."""
     root = Path(root)
     from train.trainer import train_and_evaluate  # jax starts here, after flag parsing
 
@@ -68,16 +87,22 @@ def run_arms(arms: list[Arm], root, *, seeds=(0,), config_file: str = DEFAULT_CO
     for seed in seeds:
         for arm in arms:
             overrides = {**(common or {}), **arm.overrides, "train.seed": seed}
-            name = arm.name if len(seeds) == 1 else f"{arm.name}-s{seed}"
+            name = arm.name if seed == 0 else f"{arm.name}-s{seed}"
             workdir = root / name
-            shutil.rmtree(workdir, ignore_errors=True)  # a study always trains from scratch
             arm_config = arm.config_file or config_file
             config = load_config(arm_config, overrides)
             cmd = command(arm_config, workdir, overrides)
-            print(f"[study] {name}: {cmd}", flush=True)
-            t0 = time.perf_counter()
-            summary = train_and_evaluate(config, str(workdir))
-            wall = time.perf_counter() - t0
+            if reuse and _finished_with(workdir, config):
+                print(f"[study] {name}: reusing the finished run in {workdir} (same config)", flush=True)
+                summary = json.loads((workdir / "summary.json").read_text())
+                wall = json.loads((workdir / "study_wall.json").read_text())["wall_s"]
+            else:
+                shutil.rmtree(workdir, ignore_errors=True)  # otherwise an arm always trains from scratch
+                print(f"[study] {name}: {cmd}", flush=True)
+                t0 = time.perf_counter()
+                summary = train_and_evaluate(config, str(workdir))
+                wall = time.perf_counter() - t0
+                (workdir / "study_wall.json").write_text(json.dumps({"wall_s": wall}))
             print(f"[study] {name}: final eval loss {summary['final_eval_loss']:.4f} in {wall:.0f} s", flush=True)
             records.append(
                 dict(
@@ -100,10 +125,22 @@ def series(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
     return np.array([p[0] for p in pts]), np.array([p[1] for p in pts], dtype=float)
 
 
+def run_study(arms, summarise, verdict, plot, title: str, columns, root, plot_path, *, complete=True, **run_kw):
+    """``run_arms`` (``run_kw``: seeds, config_file, common, reuse), then ``summarise(records)`` ->
+    records with the study's numbers, the table with ``verdict(records)`` (when ``complete``: every
+    arm ran) and ``plot(records, plot_path)``. Returns the records."""
+    records = summarise(run_arms(arms, root, **run_kw))
+    write_table(root, records, columns, title, note=verdict(records) if complete else "")
+    plot(records, plot_path)
+    return records
+
+
 def write_table(root, records: list[dict], columns: list[tuple[str, str, str]], title: str, note: str = "") -> str:
     """``study.jsonl`` and ``table.md`` in ``root``; ``columns``: (record key, header, format) of the
-    markdown table (the JSON lines hold every key but ``rows`` and ``config``), ``note`` below it (the
-    study's verdict, also the last JSON line). Returns the markdown."""
+    markdown table between the arm and seed and the wall time (the JSON lines hold every key but
+    ``rows`` and ``config``), ``note`` below it (the study's verdict, also the last JSON line).
+    Returns the markdown."""
+    columns = [("name", "arm", ""), ("seed", "seed", ""), *columns, ("wall_s", "wall (s)", ".0f")]
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     with open(root / "study.jsonl", "w") as fh:
@@ -153,6 +190,7 @@ def define_flags():
     flags.DEFINE_string("config", DEFAULT_CONFIG, "Base config file of every arm.")
     flags.DEFINE_list("seeds", ["0"], "Initialisation seeds (train.seed); every arm runs at each.")
     flags.DEFINE_multi_string("override", [], "field=value applied to every arm, e.g. train.steps=400.")
+    flags.DEFINE_bool("reuse", False, "Keep arms' finished runs of the same config (e.g. adding a seed).")
 
 
 def flag_values(name: str) -> dict:
@@ -164,4 +202,5 @@ def flag_values(name: str) -> dict:
         config_file=f.config,
         seeds=[int(s) for s in f.seeds],
         common=parse_overrides(f.override),
+        reuse=f.reuse,
     )

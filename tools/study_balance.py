@@ -46,12 +46,9 @@ ARMS = [
     study.Arm("none", {"model.use_aux_free_bias": False, "train.bias_update_rate": 0.0, "train.aux_loss_alpha": 0.0}),
 ]
 COLUMNS = [
-    ("name", "arm", ""),
-    ("seed", "seed", ""),
     ("maxvio_mean", "MaxVio_batch (run mean)", ".3f"),
     ("maxvio_last", "MaxVio_batch (last 20%)", ".3f"),
     ("final_eval_loss", "final eval loss", ".4f"),
-    ("wall_s", "wall (s)", ".0f"),
 ]
 
 study.define_flags()
@@ -118,15 +115,24 @@ def plot(records: list[dict], path) -> None:
     _save(fig, epath.Path(path))
 
 
-def run(root, plot_path, *, config_file=study.DEFAULT_CONFIG, seeds=(0,), common=None, arms=None) -> list[dict]:
-    """``arms``: names of the arms to run (default all; the verdict needs all)."""
+def run(root, plot_path, *, common=None, arms=None, **kw) -> list[dict]:
+    """``arms``: names of the arms to run (default all; the verdict needs all); ``kw``: see ``study.run_study``."""
     chosen = [a for a in ARMS if arms is None or a.name in arms]
-    common = {**COMMON, **(common or {})}
-    records = [summarise(r) for r in study.run_arms(chosen, root, seeds=seeds, config_file=config_file, common=common)]
-    note = verdict(records) if len(chosen) == len(ARMS) else ""
-    study.write_table(root, records, COLUMNS, "Load balancing (tools/study_balance.py)", note=note)
-    plot(records, plot_path)
-    return records
+    summarise_all = lambda records: [summarise(r) for r in records]  # noqa: E731
+    title = "Load balancing (tools/study_balance.py)"
+    return study.run_study(
+        chosen,
+        summarise_all,
+        verdict,
+        plot,
+        title,
+        COLUMNS,
+        root,
+        plot_path,
+        complete=len(chosen) == len(ARMS),
+        common={**COMMON, **(common or {})},
+        **kw,
+    )
 
 
 def main(argv):

@@ -39,14 +39,11 @@ from train.flops import activated_params, model_flops_per_token
 NAME = "dense"
 COMMON = {"model.mtp_depth": 0}
 COLUMNS = [
-    ("name", "arm", ""),
-    ("seed", "seed", ""),
     ("params", "params", ",d"),
     ("activated", "activated params", ",d"),
     ("flops_per_token", "training FLOPs / token", ".4g"),
     ("train_flops", "training FLOPs", ".3g"),
     ("final_eval_loss", "final eval loss", ".4f"),
-    ("wall_s", "wall (s)", ".0f"),
 ]
 
 study.define_flags()
@@ -185,16 +182,31 @@ def plot(records: list[dict], cmp: dict, path) -> None:
     _save(fig, epath.Path(path))
 
 
-def run(root, plot_path, *, config_file=study.DEFAULT_CONFIG, seeds=(0,), common=None) -> list[dict]:
-    common = {**COMMON, **(common or {})}
-    chosen = arms(config_file, common)
-    records = [summarise(r) for r in study.run_arms(chosen, root, seeds=seeds, config_file=config_file, common=common)]
-    cmp = compare(records)
-    for (name, seed), c in cmp.items():
+def summarise_all(records: list[dict]) -> list[dict]:
+    """Each run's numbers, and on each dense arm its comparison with the MoE of the same seed."""
+    records = [summarise(r) for r in records]
+    for (name, seed), c in compare(records).items():
         next(r for r in records if r["seed"] == seed and r["name"] == name).update(c)
-    study.write_table(root, records, COLUMNS, "MoE vs dense (tools/study_dense.py)", note=verdict(records, cmp))
-    plot(records, cmp, plot_path)
     return records
+
+
+def run(root, plot_path, *, config_file=study.DEFAULT_CONFIG, common=None, **kw) -> list[dict]:
+    """``kw``: see ``study.run_study``."""
+    common = {**COMMON, **(common or {})}
+    title = "MoE vs dense (tools/study_dense.py)"
+    return study.run_study(
+        arms(config_file, common),
+        summarise_all,
+        lambda rs: verdict(rs, compare(rs)),
+        lambda rs, path: plot(rs, compare(rs), path),
+        title,
+        COLUMNS,
+        root,
+        plot_path,
+        config_file=config_file,
+        common=common,
+        **kw,
+    )
 
 
 def main(argv):

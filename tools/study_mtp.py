@@ -26,13 +26,10 @@ from train.flops import activated_params, model_flops_per_token
 NAME = "mtp"
 ARMS = [study.Arm("mtp0", {"model.mtp_depth": 0}), study.Arm("mtp1", {"model.mtp_depth": 1})]
 COLUMNS = [
-    ("name", "arm", ""),
-    ("seed", "seed", ""),
     ("main_params", "main-model params", ",d"),
     ("train_flops_per_token", "training FLOPs / token", ".3g"),
     ("final_eval_loss", "final eval loss (main head)", ".4f"),
     ("final_main_loss", "train main loss (last 20%)", ".4f"),
-    ("wall_s", "wall (s)", ".0f"),
 ]
 
 study.define_flags()
@@ -100,13 +97,14 @@ def plot(records: list[dict], path) -> None:
     _save(fig, epath.Path(path))
 
 
-def run(root, plot_path, *, config_file=study.DEFAULT_CONFIG, seeds=(0,), common=None, arms=None) -> list[dict]:
+def run(root, plot_path, *, arms=None, **kw) -> list[dict]:
+    """``arms``: names of the arms to run (default all; the verdict needs all); ``kw``: see ``study.run_study``."""
     chosen = [a for a in ARMS if arms is None or a.name in arms]
-    records = [summarise(r) for r in study.run_arms(chosen, root, seeds=seeds, config_file=config_file, common=common)]
-    note = verdict(records) if len(chosen) == len(ARMS) else ""
-    study.write_table(root, records, COLUMNS, "Multi-token prediction (tools/study_mtp.py)", note=note)
-    plot(records, plot_path)
-    return records
+    summarise_all = lambda records: [summarise(r) for r in records]  # noqa: E731
+    title = "Multi-token prediction (tools/study_mtp.py)"
+    return study.run_study(
+        chosen, summarise_all, verdict, plot, title, COLUMNS, root, plot_path, complete=len(chosen) == len(ARMS), **kw
+    )
 
 
 def main(argv):

@@ -44,6 +44,10 @@ def test_study_balance_aux_loss_arm_end_to_end(tmp_path):
     assert line["overrides"]["train.aux_loss_alpha"] == 0.01 and "--config.train.aux_loss_alpha=0.01" in line["command"]
     assert "| aux_loss | 0 |" in (tmp_path / "runs" / "table.md").read_text()
     assert (tmp_path / "balance.png").stat().st_size > 10_000
+    # --reuse keeps this run only for the same resolved config
+    assert study._finished_with(tmp_path / "runs" / "aux_loss", r["config"])
+    other = study.load_config(study.DEFAULT_CONFIG, {**r["overrides"], "train.aux_loss_alpha": 0.001})
+    assert not study._finished_with(tmp_path / "runs" / "aux_loss", other)
 
 
 def test_dense_arms_match_the_moe_training_flops():
