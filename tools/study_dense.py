@@ -2,7 +2,7 @@
 
     python -m tools.study_dense [--seeds=0,1] [--override=train.steps=400] [--runs=runs/study_dense]
 
-Three arms of configs/study_tiny.py, all without MTP (model.mtp_depth=0), trained on the same data,
+Four arms of configs/study_tiny.py, all without MTP (model.mtp_depth=0), trained on the same data,
 tokens and steps, with the same optimizer and schedule:
 
 - ``moe``: moe_tiny, DeepSeek-style (MLA; 1 dense + 3 DeepSeekMoE blocks, 16 routed experts of
@@ -11,10 +11,14 @@ tokens and steps, with the same optimizer and schedule:
   DeepSeek-style dense model, differing from ``moe`` in the FFN only;
 - ``dense_llama``: the Llama-3.1-style dense model (``configs/study_tiny.py:llama_tiny``: GQA with
   4 query / 2 KV heads of dim 32, RoPE theta 5e5 with Llama-3.1 scaling, dense SwiGLU in every
-  block): attention differs from ``moe`` too.
+  block): attention differs from ``moe`` too;
+- ``moe_gqa``: moe_tiny's FFN blocks (1 dense + 3 MoE) under ``dense_llama``'s attention: with
+  ``dense_llama`` it separates the FFN (MoE vs dense) from the attention (MLA vs GQA). Its FLOPs
+  per token are higher than ``moe``'s (the GQA attention is wider), so it is compared with
+  ``dense_llama`` on the loss-vs-FLOPs curve, not at equal FLOPs per token.
 
 Each dense arm's width ``dense_ffn_dim`` is solved so that its training FLOPs per token
-(``train/flops.py``: 6 x activated weights + attention scores) equal the MoE's: ``matched_dense``.
+(``train/flops.py``: 6 x activated weights + attention scores) equal ``moe``'s: ``matched_dense``.
 Compared: the final eval loss, and the eval loss against cumulative training FLOPs. The question:
 how much less compute does the MoE need for a dense model's final loss? Answered by the MoE's
 eval curve (linear interpolation in log FLOPs between eval points): the FLOPs at which it first
@@ -73,13 +77,16 @@ def matched_dense(config_file: str, common: dict, dense_config: str | None = Non
 
 
 def arms(config_file: str, common: dict) -> list[study.Arm]:
-    """The MoE, a dense model with the same MLA blocks, and the Llama-style dense model."""
+    """The MoE, a dense model with the same MLA blocks, the Llama-style dense model, and the MoE with
+    the Llama-style model's attention."""
     path = config_file.partition(":")[0]
     llama = f"{path}:llama_tiny"
     return [
         study.Arm("moe", {}),
         study.Arm("dense_mla", matched_dense(config_file, common)),
         study.Arm("dense_llama", matched_dense(config_file, common, llama), llama),
+        # moe_tiny's MoE blocks under the Llama-style model's attention (more FLOPs per token than moe)
+        study.Arm("moe_gqa", {"model.first_k_dense": 1}, llama),
     ]
 
 
@@ -112,20 +119,26 @@ def flops_to_reach(flops: list[float], losses: list[float], target: float) -> fl
     return None
 
 
-DENSE = ("dense_mla", "dense_llama")
+# (MoE arm, dense arm) compared: same FFN FLOPs and MLA; the matched Llama-style model; same GQA attention
+PAIRS = (("moe", "dense_mla"), ("moe", "dense_llama"), ("moe_gqa", "dense_llama"))
 
 
 def compare(records: list[dict]) -> dict:
-    """Per (dense arm, seed): the MoE's FLOPs to reach the dense final loss, the ratio dense / MoE."""
+    """Per ((MoE arm, dense arm), seed): the MoE's FLOPs to reach the dense final loss and the
+    ratio dense / MoE; the dense model's FLOPs to reach the MoE's, and MoE / dense."""
     out = {}
     for seed in dict.fromkeys(r["seed"] for r in records):
-        moe = next(r for r in records if r["seed"] == seed and r["name"] == "moe")
-        for name in DENSE:
+        for moe_name, name in PAIRS:
+            moe = next(r for r in records if r["seed"] == seed and r["name"] == moe_name)
             dense = next(r for r in records if r["seed"] == seed and r["name"] == name)
             need = flops_to_reach(moe["eval_flops"], moe["eval_losses"], dense["final_eval_loss"])
-            out[name, seed] = {
+            # the other way round, for a dense model that ends below the MoE
+            dense_need = flops_to_reach(dense["eval_flops"], dense["eval_losses"], moe["final_eval_loss"])
+            out[(moe_name, name), seed] = {
                 "moe_flops_to_dense_loss": need,
                 "compute_ratio": None if need is None else dense["train_flops"] / need,
+                "dense_flops_to_moe_loss": dense_need,
+                "dense_compute_ratio": None if dense_need is None else moe["train_flops"] / dense_need,
                 "loss_gap": dense["final_eval_loss"] - moe["final_eval_loss"],
             }
     return out
@@ -136,25 +149,28 @@ def verdict(records: list[dict], cmp: dict) -> str:
     loss = study.seed_spread(records, "final_eval_loss")
     noise = max(s for _, s in loss.values())
     parts = []
-    for (name, seed), c in cmp.items():
-        ratio = "the MoE never reached it" if c["compute_ratio"] is None else f"{c['compute_ratio']:.2f}x less compute"
-        parts.append(
-            f"{name} (seed {seed}): final eval loss dense - MoE = {c['loss_gap']:+.4f}; "
-            f"the MoE reached the dense model's final loss with {ratio}"
-        )
+    for ((moe, dense), seed), c in cmp.items():
+        if c["compute_ratio"] is not None:
+            ratio = f"{moe} reached {dense}'s final loss with {c['compute_ratio']:.2f}x less compute"
+        else:
+            ratio = f"{moe} never reached {dense}'s final loss"
+            if c["dense_compute_ratio"] is not None:
+                ratio += f"; {dense} reached {moe}'s with {c['dense_compute_ratio']:.2f}x less compute"
+        parts.append(f"{dense} - {moe} final eval loss (seed {seed}) {c['loss_gap']:+.4f}: {ratio}")
     noise_txt = f"seed spread {noise:.4f}" if seeds > 1 else "one seed: no noise estimate"
-    wins = {n: min(c["loss_gap"] for (m, _), c in cmp.items() if m == n) > (noise if seeds > 1 else 0) for n in DENSE}
+    margin = noise if seeds > 1 else 0.0
+    wins = {pair: min(c["loss_gap"] for (p, _), c in cmp.items() if p == pair) > margin for pair in PAIRS}
     return (
         "; ".join(parts)
         + f" ({noise_txt}). Direction (the MoE reaches the dense model's loss with less compute): "
-        + ", ".join(f"against {n} {'reproduced' if w else 'NOT reproduced'}" for n, w in wins.items())
+        + ", ".join(f"{m} vs {d} {'reproduced' if w else 'NOT reproduced'}" for (m, d), w in wins.items())
         + " at this scale."
     )
 
 
 def plot(records: list[dict], cmp: dict, path) -> None:
     fig, (ax_train, ax_eval) = plt.subplots(1, 2, figsize=(13, 5))
-    colors = {"moe": "C0", "dense_mla": "C1", "dense_llama": "C2"}
+    colors = {"moe": "C0", "dense_mla": "C1", "dense_llama": "C2", "moe_gqa": "C3"}
     for r in records:
         first = r["seed"] == records[0]["seed"]
         c = colors[r["name"]]
@@ -165,14 +181,14 @@ def plot(records: list[dict], cmp: dict, path) -> None:
         steps, loss = study.series(r["rows"], "main_loss")
         ax_train.plot(steps * tokens_per_step * r["flops_per_token"], smooth(loss, 0.9), color=c, label=label)
         ax_eval.plot(r["eval_flops"], r["eval_losses"], "o-", color=c, ms=4, label=label)
-    for (name, seed), c in cmp.items():
+    for ((moe, name), seed), c in cmp.items():
         dense = next(r for r in records if r["seed"] == seed and r["name"] == name)
         ax_eval.axhline(dense["final_eval_loss"], color=colors[name], ls=":", lw=1)
         if c["moe_flops_to_dense_loss"] is not None:
-            ax_eval.axvline(c["moe_flops_to_dense_loss"], color=colors[name], ls=":", lw=1)
+            ax_eval.axvline(c["moe_flops_to_dense_loss"], color=colors[moe], ls=":", lw=1)
     ax_train.set(xlabel="training FLOPs", ylabel="train loss (nats)", xscale="log", title="train loss (smoothed)")
     ax_eval.set(xlabel="training FLOPs", ylabel="eval loss (nats)", xscale="log")
-    ax_eval.set_title("eval loss; dotted: a dense final loss and the FLOPs where the MoE reaches it", fontsize=10)
+    ax_eval.set_title("eval loss; dotted: dense final losses, the FLOPs where an MoE reaches them", fontsize=10)
     for ax in (ax_train, ax_eval):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -183,10 +199,11 @@ def plot(records: list[dict], cmp: dict, path) -> None:
 
 
 def summarise_all(records: list[dict]) -> list[dict]:
-    """Each run's numbers, and on each dense arm its comparison with the MoE of the same seed."""
+    """Each run's numbers, and on each dense arm its comparisons ``vs_<moe arm>`` with the MoEs of
+    the same seed."""
     records = [summarise(r) for r in records]
-    for (name, seed), c in compare(records).items():
-        next(r for r in records if r["seed"] == seed and r["name"] == name).update(c)
+    for ((moe, name), seed), c in compare(records).items():
+        next(r for r in records if r["seed"] == seed and r["name"] == name)[f"vs_{moe}"] = c
     return records
 
 

@@ -54,7 +54,8 @@ def test_dense_arms_match_the_moe_training_flops():
     """Both dense arms (MLA blocks; the Llama-style GQA model) have a dense SwiGLU in every block and
     the MoE's training FLOPs per token, to within one unit of dense_ffn_dim."""
     common = dict(study_dense.COMMON)
-    moe, *dense = study_dense.arms(study.DEFAULT_CONFIG, common)
+    by_name = {a.name: a for a in study_dense.arms(study.DEFAULT_CONFIG, common)}
+    dense = [by_name["dense_mla"], by_name["dense_llama"]]
     moe_cfg = study.load_config(study.DEFAULT_CONFIG, common)
     seq = moe_cfg.data.seq_len
     moe_f = model_flops_per_token(ModelConfig.from_dict(moe_cfg.model.to_dict()), seq)
