@@ -89,6 +89,9 @@ def build(preset: str) -> ml_collections.ConfigDict:
     t.mtp_loss_weight = 0.3
     # Sequence-wise balance loss weight alpha (report Sec. 4.2: 0.0001); 0 disables it.
     t.balance_loss_alpha = 1e-4
+    # Classic batch-wise auxiliary balance loss weight (GShard / Switch / DeepSeek-V2; usual 0.01),
+    # added to the balance_loss metric; 0 disables it (DeepSeek-V3 uses the aux-free bias instead).
+    t.aux_loss_alpha = 0.0
     # Aux-loss-free bias update speed gamma (report Sec. 4.2: 0.001); 0 disables the update.
     t.bias_update_rate = 1e-3
     # Write metrics every this many steps (1 = every step).

@@ -8,6 +8,10 @@
        f_i = N_r / (K_r T) * sum_t 1[i in TopK_t],  s'_{i,t} = s_{i,t} / sum_j s_{j,t},
        P_i = 1/T sum_t s'_{i,t},  L_Bal = alpha * sum_i f_i P_i
    computed per sequence (a packed row: its non-padding tokens) and averaged over rows.
+3. Classic batch-wise auxiliary loss (GShard; Switch Transformer eq. 4; DeepSeek-V2 Sec. 3.2.1
+   eq. 23-25): the same sum_i f_i P_i over all the global batch's tokens at once, with the usual
+   weight ~0.01 (``train.aux_loss_alpha``; the aux-loss-free study, tools/study_balance.py):
+       f_i = N_r / (K_r T) * load_i,  P_i = 1/T sum_t s'_{i,t},  T = valid tokens of the batch.
 MaxVio (Wang et al. 2024, "Auxiliary-Loss-Free Load Balancing", Sec. 4) = max_i load_i / mean load - 1.
 """
 
@@ -38,6 +42,21 @@ def sequence_balance_loss(ids: jax.Array, scores: jax.Array, valid: jax.Array, n
     """ids [b, t, k], scores [b, t, e], valid [b, t] -> scalar sum_i f_i P_i averaged over rows."""
     total, rows = sequence_balance_terms(ids, scores, valid, n_experts)
     return total / jnp.maximum(rows, 1.0)
+
+
+def batch_balance_terms(scores: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """scores [m, e], valid [m] -> (sum_t s'_{i,t} over valid tokens [e], valid tokens): summed over
+    devices with the loads before ``batch_balance_loss``."""
+    v = valid.astype(jnp.float32)  # [m]
+    s_norm = scores / (scores.sum(-1, keepdims=True) + 1e-20)  # [m, e]
+    return jnp.einsum("me,m->e", s_norm, v), v.sum()
+
+
+def batch_balance_loss(load: jax.Array, score_sum: jax.Array, n_tokens: jax.Array, k: int) -> jax.Array:
+    """load [e] (assignments per expert), score_sum [e], n_tokens -> scalar sum_i f_i P_i of the batch."""
+    e, n = load.shape[-1], jnp.maximum(n_tokens, 1.0)
+    f = jax.lax.stop_gradient(load) * e / (k * n)  # [e]
+    return jnp.sum(f * score_sum / n)
 
 
 def routers(model: nnx.Module) -> list[Router]:

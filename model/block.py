@@ -19,6 +19,7 @@ def zero_aux(n_experts: int) -> dict:
     """The aux of a block without routed experts (``MoE.__call__`` lists the keys)."""
     return {
         "balance_loss": jnp.zeros((), jnp.float32),
+        "batch_balance_loss": jnp.zeros((), jnp.float32),
         "dropped": jnp.zeros((), jnp.int32),
         "expert_load": jnp.zeros((0, n_experts), jnp.float32),
     }

@@ -24,7 +24,8 @@ ceil(C * m * k / E) of a device's m tokens' assignments, first come first served
 and the overflow (counted in ``aux["dropped"]``) contributes zero. Evaluation and generation never
 drop: a row's output does not depend on the other rows of its batch.
 
-``aux``: ``balance_loss`` (eq. 17-20, ``model/balance.py``), ``dropped``, ``expert_load`` [1, e]
+``aux``: ``balance_loss`` (eq. 17-20, ``model/balance.py``), ``batch_balance_loss`` (the classic
+batch-wise auxiliary loss, same file), ``dropped``, ``expert_load`` [1, e]
 (assignments per expert over the global batch, for the aux-loss-free bias update and MaxVio).
 """
 
@@ -35,7 +36,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model import dispatch, moe_ep
-from model.balance import sequence_balance_terms
+from model.balance import batch_balance_loss, batch_balance_terms, sequence_balance_terms
 from model.config import ModelConfig
 from model.ffn import SwiGLU
 from model.grouped_matmul import gmm
@@ -88,10 +89,16 @@ def routed(cfg: ModelConfig, capacity_factor, ep, x, valid, w_router, bias, w_ga
     y = dispatch.scatter_back(y_buf, p.src, p.slot).reshape(m, k, d)  # [m, k, d]
     out = jnp.einsum("mkd,mk->md", y.astype(jnp.float32), r.gates)  # [m, d] f32
     stats = (*sequence_balance_terms(r.ids.reshape(b, t, k), r.scores.reshape(b, t, e), valid, e), p.dropped, r.load)
+    stats += batch_balance_terms(r.scores, v)
     if ep is not None:
         stats = moe_ep.psum_batch(stats, ep)
-    loss_sum, rows, dropped, load = stats
-    aux = {"balance_loss": loss_sum / jnp.maximum(rows, 1.0), "dropped": dropped, "expert_load": load[None]}
+    loss_sum, rows, dropped, load, score_sum, n_tok = stats
+    aux = {
+        "balance_loss": loss_sum / jnp.maximum(rows, 1.0),
+        "batch_balance_loss": batch_balance_loss(load, score_sum, n_tok, k),
+        "dropped": dropped,
+        "expert_load": load[None],
+    }
     return out.reshape(b, t, d), aux
 
 

@@ -314,9 +314,8 @@ def plot_workdir(workdir, out=None, logy: bool = False) -> list[epath.Path]:
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_multi_string(
-    "workdir", None, "Run directory holding metrics.jsonl; repeat to overlay runs.", required=True
-)
+# Not required=True: other tools import this module's functions (tools/study.py) under their own flags.
+flags.DEFINE_multi_string("workdir", None, "Run directory holding metrics.jsonl; repeat to overlay runs.")
 flags.DEFINE_multi_string("label", None, "A name per --workdir for the legends (default: the directory names).")
 flags.DEFINE_string("out", None, "Where to write the PNGs (default: the --workdir; needed for several).")
 flags.DEFINE_float("smooth", 0.9, "Exponential smoothing weight of the train curves, in [0, 1).")
@@ -325,6 +324,8 @@ flags.DEFINE_bool("logy", False, "Log-scale y axis for the losses.")
 
 def main(argv):
     del argv
+    if not FLAGS.workdir:
+        sys.exit("error: --workdir is required: the run directory holding metrics.jsonl")
     if not 0 <= FLAGS.smooth < 1:
         sys.exit(f"error: --smooth={FLAGS.smooth}: must be in [0, 1)")
     try:

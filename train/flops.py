@@ -14,6 +14,7 @@ q = q_lora_rank, c = kv_lora_rank, d_qk = nope + rope, per block:
     MLA (DeepSeek-V2 Sec. 2.1):   q:   d*q + q*h*d_qk           (d*h*d_qk when q is None)
                                   kv:  d*(c + rope) + c*h*(nope + v_head_dim)
                                   out: h*v_head_dim*d
+    GQA (attention_type "gqa"):   q + out: 2*d*h*k,  k and v: 2*d*j*k   (k = head dim, j = KV heads)
     dense SwiGLU:                 3*d*f                       (first_k_dense blocks)
     DeepSeekMoE (V3 Sec. 2.1.2):  d*E + (S + K) * 3*d*f_e     (router + activated experts)
                                   + d with Qwen2-MoE's shared_expert_gate
@@ -21,7 +22,7 @@ q = q_lora_rank, c = kv_lora_rank, d_qk = nope + rope, per block:
     MTP module (V3 Sec. 2.2):     2d*d + MLA + MoE + d*V      per depth (the head is shared but
                                   runs once more per depth); counted when include_mtp.
 
-The attention term is the score (QK^T) and mix (AV) matmuls, T = training sequence length,
+The attention term is the score (QK^T) and mix (AV) matmuls (GQA: d_qk = d_v = k), T = training sequence length,
 L_attn = n_layers (+ mtp_depth with include_mtp). Score matmuls are counted at full width, i.e.
 the MLA "absorbed" inference path is not assumed.
 """
@@ -38,6 +39,8 @@ def activated_params(cfg, *, include_mtp: bool = True) -> dict:
         q = d * cfg.q_lora_rank + cfg.q_lora_rank * h * cfg.qk_head_dim
     kv = d * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.kv_lora_rank * h * (cfg.qk_nope_head_dim + cfg.v_head_dim)
     attn = q + kv + h * cfg.v_head_dim * d
+    if cfg.attention_type == "gqa":
+        attn = 2 * d * (h + cfg.kv_heads) * cfg.attn_head_dim
     dense = 3 * d * cfg.dense_ffn_dim
     moe = d * cfg.n_routed_experts + (cfg.n_shared_experts + cfg.n_experts_per_tok) * 3 * d * cfg.moe_ffn_dim
     moe += d * cfg.shared_expert_gate
@@ -59,5 +62,6 @@ def model_flops_per_token(cfg, seq_len: int, *, include_mtp: bool = True, causal
     """Training FLOPs (forward + backward) per token at sequence length ``seq_len``."""
     n_active = activated_params(cfg, include_mtp=include_mtp)["total"]
     n_attn_layers = cfg.n_layers + (cfg.mtp_depth if include_mtp else 0)
-    attn = 6 * n_attn_layers * seq_len * cfg.n_heads * (cfg.qk_head_dim + cfg.v_head_dim)
+    qk_v = 2 * cfg.attn_head_dim if cfg.attention_type == "gqa" else cfg.qk_head_dim + cfg.v_head_dim
+    attn = 6 * n_attn_layers * seq_len * cfg.n_heads * qk_v
     return float(6 * n_active + (attn / 2 if causal else attn))

@@ -30,6 +30,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, train_cfg, ep=No
     """``ep``: ``model.moe_ep.ExpertParallel`` of the mesh the step runs on (None: one device)."""
     mtp_w, alpha, gamma = train_cfg.mtp_loss_weight, train_cfg.balance_loss_alpha, train_cfg.bias_update_rate
     n_micro = train_cfg.microbatches
+    aux_alpha = train_cfg.get("aux_loss_alpha", 0.0)  # classic batch-wise loss (model/balance.py), off by default
 
     def loss_fn(params, rest, mb, token_counts):
         # Fresh Variables owned by this trace: under jax.grad, ``rest`` (router biases) is traced by
@@ -39,6 +40,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, train_cfg, ep=No
         out = model(mb["inputs"], mb["positions"], mb["segment_ids"], train=True, ep=ep)
         losses = lm_losses(out, mb, mtp_w, token_counts)
         balance = alpha * out.aux["balance_loss"] / n_micro  # a mean over rows: each microbatch has b/n
+        if aux_alpha:
+            balance = balance + aux_alpha * out.aux["batch_balance_loss"] / n_micro
         loss = losses["main_loss"] + losses["mtp_loss"] + balance
         metrics = {
             "loss": loss,

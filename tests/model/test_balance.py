@@ -1,4 +1,5 @@
-"""Load balancing: the aux-loss-free bias rule and the sequence-wise loss (DeepSeek-V3 Sec. 2.1.2)."""
+"""Load balancing: the aux-loss-free bias rule and the sequence-wise loss (DeepSeek-V3 Sec. 2.1.2),
+the classic batch-wise auxiliary loss (DeepSeek-V2 eq. 23-25)."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +7,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from model.balance import load_shape, max_violation, routers, sequence_balance_loss, update_router_biases
+from model.balance import (
+    batch_balance_loss,
+    batch_balance_terms,
+    load_shape,
+    max_violation,
+    routers,
+    sequence_balance_loss,
+    update_router_biases,
+)
+from model.moe import MoE
 from model.transformer import Transformer
 from tests.util import tiny_config
 
@@ -66,6 +76,40 @@ def test_sequence_balance_loss_formula():
         rows += 1
     got = sequence_balance_loss(jnp.asarray(ids), jnp.asarray(scores), jnp.asarray(valid), e)
     np.testing.assert_allclose(float(got), total / rows, rtol=1e-5)
+
+
+def test_batch_balance_loss_formula():
+    """sum_i f_i P_i over all valid tokens of the batch at once, f_i = N/(K T) load_i,
+    P_i = 1/T sum_t s_{i,t} / sum_j s_{j,t} (plain loops; padding ignored)."""
+    rng = np.random.default_rng(1)
+    m, e, k = 23, 6, 2
+    scores = rng.uniform(0.05, 1, size=(m, e)).astype(np.float32)
+    ids = np.stack([rng.choice(e, k, replace=False) for _ in range(m)])
+    valid = rng.uniform(size=m) < 0.7
+    T = valid.sum()
+    load, P = np.zeros(e), np.zeros(e)
+    for t in range(m):
+        if valid[t]:
+            load[ids[t]] += 1
+            P += scores[t] / scores[t].sum() / T
+    want = float((e / (k * T) * load * P).sum())
+    got = batch_balance_loss(jnp.asarray(load), *batch_balance_terms(jnp.asarray(scores), jnp.asarray(valid)), k)
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)
+
+
+def test_moe_batch_balance_loss_is_the_sequence_loss_of_the_whole_batch():
+    """The MoE layer's ``batch_balance_loss`` = the sequence-wise loss of its batch as one row (the
+    other code path), and differs from the per-row mean (so the two are not the same switch)."""
+    cfg = tiny_config(n_group=1, topk_group=1)
+    moe = MoE(cfg, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (3, 8, cfg.d_model))
+    seg = jnp.ones((3, 8), jnp.int32).at[1, 5:].set(0)
+    _, aux = moe(x, seg)
+    r = moe.router(x.reshape(-1, cfg.d_model), (seg != 0).reshape(-1))
+    k, e = cfg.n_experts_per_tok, cfg.n_routed_experts
+    one_row = sequence_balance_loss(r.ids.reshape(1, -1, k), r.scores.reshape(1, -1, e), (seg != 0).reshape(1, -1), e)
+    np.testing.assert_allclose(float(aux["batch_balance_loss"]), float(one_row), rtol=1e-5)
+    assert abs(float(aux["batch_balance_loss"]) - float(aux["balance_loss"])) > 1e-4
 
 
 @pytest.mark.parametrize("scan", [False, True])

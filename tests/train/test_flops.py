@@ -68,8 +68,19 @@ def test_qwen2_moe_shared_expert_gate_counts_its_d_weights():
     assert gated["moe_ffn"] - plain["moe_ffn"] == 2 * 16 and gated["mtp"] - plain["mtp"] == 16
 
 
-@pytest.mark.parametrize("q_lora_rank", [64, None])
-def test_flops_match_xla_cost_analysis(q_lora_rank):
+def test_gqa_flops_by_hand():
+    """GQA (attention_type "gqa"): q, o of h heads and k, v of j heads, head dim k; not MLA's terms."""
+    cfg = _cfg(attention_type="gqa", n_heads=4, n_kv_heads=2, head_dim=6, mtp_depth=0)
+    attn = 16 * 4 * 6 + 2 * 16 * 2 * 6 + 4 * 6 * 16  # q 384 + k, v 384 + o 384
+    parts = flops.activated_params(cfg)
+    assert parts["attention"] == 3 * attn
+    t = 32
+    n = parts["total"]
+    assert flops.model_flops_per_token(cfg, t) == pytest.approx(6 * n + 6 * 3 * t * 4 * (6 + 6) / 2)
+
+
+@pytest.mark.parametrize("q_lora_rank,gqa", [(64, False), (None, False), (None, True)])
+def test_flops_match_xla_cost_analysis(q_lora_rank, gqa):
     """FLOPs per step = XLA's own count of the compiled forward + backward, within the elementwise
     work (norms, softmax, RoPE) the formula leaves out. Dense blocks, naive attention (full [t, t]
     scores, so causal=False) and the head; the MoE layers run loops that cost_analysis counts once,
@@ -95,6 +106,7 @@ def test_flops_match_xla_cost_analysis(q_lora_rank):
         v_head_dim=32,
         mtp_depth=0,
         attention_impl="naive",
+        **(dict(attention_type="gqa", n_kv_heads=2, head_dim=32) if gqa else {}),
     )
     graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
     b, t = 2, 128
