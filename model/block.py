@@ -36,7 +36,14 @@ class Block(nnx.Module):
         self.mlp = (
             MoE(cfg, rngs=rngs)
             if moe
-            else SwiGLU(cfg.d_model, cfg.dense_ffn_dim, param_dtype=cfg.param_dtype, dtype=cfg.dtype, rngs=rngs)
+            else SwiGLU(
+                cfg.d_model,
+                cfg.dense_ffn_dim,
+                param_dtype=cfg.param_dtype,
+                dtype=cfg.dtype,
+                rngs=rngs,
+                recipe=cfg.gemm_recipe,
+            )
         )
 
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, *, train: bool = False, ep=None):

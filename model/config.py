@@ -11,6 +11,7 @@ import dataclasses
 from typing import Any, Mapping, Optional
 
 from model.attention import IMPLS as ATTENTION_IMPLS
+from model.linear import RECIPES
 
 _SCORE_FNS = ("sigmoid", "softmax")
 _GROUP_SCORES = ("top2_sum", "max")
@@ -27,6 +28,7 @@ EXECUTION_FIELDS = (
     "max_seq_len",
     "attention_impl",
     "capacity_factor",
+    "gemm_recipe",
 )
 
 
@@ -103,6 +105,9 @@ class ModelConfig:
     remat: str = "none"  # rematerialisation policy of each block, one of _REMAT
     kernels_impl: str = "auto"  # grouped matmul + router backend, one of _KERNEL_IMPLS
     attention_impl: str = "auto"  # attention backend, model/attention.py: auto|naive|xla|splash|cudnn
+    # Precision recipe of every linear GEMM (model/linear.py RECIPES): "bf16" = the compute dtype;
+    # "fp8" = DeepSeek-V3 Sec. 3.3 fine-grained e4m3 in fprop, dgrad and wgrad; "int8" same tiles.
+    gemm_recipe: str = "bf16"
 
     def __post_init__(self):
         def need(cond: bool, msg: str):
@@ -182,6 +187,7 @@ class ModelConfig:
             self.attention_impl in ATTENTION_IMPLS,
             f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}",
         )
+        need(self.gemm_recipe in RECIPES, f"gemm_recipe must be one of {RECIPES}, got {self.gemm_recipe!r}")
         if isinstance(self.yarn, Mapping):  # allow a plain dict from a config file
             object.__setattr__(self, "yarn", YarnConfig(**self.yarn))
 

@@ -14,15 +14,16 @@ from model.params import linear_param
 
 
 class SwiGLU(nnx.Module):
-    def __init__(self, d_model: int, hidden: int, *, param_dtype, dtype, rngs: nnx.Rngs):
+    def __init__(self, d_model: int, hidden: int, *, param_dtype, dtype, rngs: nnx.Rngs, recipe: str = "bf16"):
         self.dtype = jnp.dtype(dtype)
+        self.recipe = recipe  # model/linear.py RECIPES (ModelConfig.gemm_recipe)
         self.w_gate = linear_param((d_model, hidden), d_model, param_dtype, ("embed", "mlp"), rngs=rngs)
         self.w_up = linear_param((d_model, hidden), d_model, param_dtype, ("embed", "mlp"), rngs=rngs)
         self.w_down = linear_param((hidden, d_model), hidden, param_dtype, ("mlp", "embed"), rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [..., d] -> [..., d]."""
-        dt = self.dtype
-        g = linear("...d,df->...f", x, self.w_gate[...], dtype=dt)
-        u = linear("...d,df->...f", x, self.w_up[...], dtype=dt)
-        return linear("...f,fd->...d", jax.nn.silu(g) * u, self.w_down[...], dtype=dt)
+        dt, rc = self.dtype, self.recipe
+        g = linear("...d,df->...f", x, self.w_gate[...], dtype=dt, recipe=rc)
+        u = linear("...d,df->...f", x, self.w_up[...], dtype=dt, recipe=rc)
+        return linear("...f,fd->...d", jax.nn.silu(g) * u, self.w_down[...], dtype=dt, recipe=rc)

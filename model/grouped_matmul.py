@@ -23,8 +23,10 @@ import jax
 import jax.numpy as jnp
 
 from kernels_pallas import backend
+from kernels_pallas.fp8 import grouped_fp8_matmul
 from kernels_pallas.gmm import ops as pallas_gmm
 from kernels_pallas.gmm.kernel import make_group_metadata
+from model.linear import RECIPES
 
 
 def _work_list(group_sizes, m: int, tile: int):
@@ -108,13 +110,36 @@ def _gmm_bwd(tile, res, d_out):
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 
-def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, impl: str = "auto", tile: int = 64) -> jax.Array:
+def gmm(
+    lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, impl: str = "auto", tile: int = 64, recipe: str = "bf16"
+) -> jax.Array:
     """Grouped matmul [m, k] x [g, k, n] -> [m, n] in lhs.dtype (f32 accumulation); see the module
-    docstring. ``tile``: rows per work item of the "scan" backend."""
+    docstring. ``tile``: rows per work item of the "scan" backend. ``recipe`` (``model/linear.py``):
+    "fp8" / "int8" quantize all three products (``kernels_pallas.fp8.grouped_fp8_matmul``: the
+    block-scaled Pallas kernel for impl "pallas", else this backend's product of the dequantized
+    operands in f32, the same sums up to f32 rounding)."""
     group_sizes = group_sizes.astype(jnp.int32)
     impl = backend.resolve(impl)
+    if recipe not in RECIPES:
+        raise ValueError(f"gmm: recipe must be one of {RECIPES}, got {recipe!r}")
+    if recipe != "bf16":
+        product = None if impl == "pallas" else functools.partial(_f32_product, impl=impl, tile=tile)
+        return grouped_fp8_matmul(
+            lhs,
+            rhs,
+            group_sizes,
+            fmt=recipe,
+            out_dtype=lhs.dtype,
+            impl="pallas" if impl == "pallas" else "xla",
+            product=product,
+        )
     if impl == "pallas":
         return pallas_gmm.gmm(lhs, rhs, group_sizes)
     if impl == "ragged_dot":
         return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=jnp.float32).astype(lhs.dtype)
     return _gmm(lhs, rhs, group_sizes, tile)
+
+
+def _f32_product(lhs, rhs, group_sizes, *, impl, tile):
+    """The bf16 path's product on f32 operands (the quantized recipe's XLA engine)."""
+    return gmm(lhs.astype(jnp.float32), rhs.astype(jnp.float32), group_sizes, impl=impl, tile=tile)

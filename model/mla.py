@@ -63,17 +63,17 @@ class MLA(nnx.Module):
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
         x = x.astype(dt)
         if cfg.q_lora_rank is None:
-            qf = linear("btd,dhk->bthk", x, self.wq[...], dtype=dt)  # [b, t, h, n+r]
+            qf = linear("btd,dhk->bthk", x, self.wq[...], dtype=dt, recipe=cfg.gemm_recipe)  # [b, t, h, n+r]
         else:
-            cq = self.q_norm(linear("btd,dq->btq", x, self.wq_a[...], dtype=dt))  # [b, t, q]
-            qf = linear("btq,qhk->bthk", cq, self.wq_b[...], dtype=dt)  # [b, t, h, n+r]
+            cq = self.q_norm(linear("btd,dq->btq", x, self.wq_a[...], dtype=dt, recipe=cfg.gemm_recipe))  # [b, t, q]
+            qf = linear("btq,qhk->bthk", cq, self.wq_b[...], dtype=dt, recipe=cfg.gemm_recipe)  # [b, t, h, n+r]
         q_nope, q_rope = qf[..., : cfg.qk_nope_head_dim], qf[..., cfg.qk_nope_head_dim :]
         return q_nope, apply_rope(q_rope, cos, sin, interleave=cfg.rope_interleave)
 
     def latents(self, x: jax.Array, cos, sin):
         """Normalised c_KV [b, s, c] and rotated shared k_rope [b, s, r]: what the cache stores."""
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
-        ckv = linear("bsd,dc->bsc", x, self.wkv_a[...], dtype=dt)  # [b, s, c+r]
+        ckv = linear("bsd,dc->bsc", x, self.wkv_a[...], dtype=dt, recipe=cfg.gemm_recipe)  # [b, s, c+r]
         c_kv = self.kv_norm(ckv[..., : cfg.kv_lora_rank])  # [b, s, c]
         k_rope = apply_rope(ckv[..., cfg.kv_lora_rank :], cos, sin, interleave=cfg.rope_interleave)  # [b, s, r]
         return c_kv, k_rope
@@ -85,7 +85,7 @@ class MLA(nnx.Module):
         cos, sin = rope_angles(positions, cfg.qk_rope_head_dim, cfg.rope_theta, cfg.yarn)
         q_nope, q_rope = self.queries(x, cos, sin)  # [b, t, h, n], [b, t, h, r]
         c_kv, k_rope = self.latents(x, cos, sin)  # [b, s, c], [b, s, r]
-        kv = linear("bsc,chk->bshk", c_kv, self.wkv_b[...], dtype=dt)  # [b, s, h, n+v]
+        kv = linear("bsc,chk->bshk", c_kv, self.wkv_b[...], dtype=dt, recipe=cfg.gemm_recipe)  # [b, s, h, n+v]
         k_nope, v = kv[..., :n], kv[..., n:]
         h, r = cfg.n_heads, cfg.qk_rope_head_dim
         # One score einsum over [nope | rope] with (b, h) leading: XLA:CPU runs small-K dots with
@@ -95,4 +95,4 @@ class MLA(nnx.Module):
         k = jnp.concatenate([k_nope, k_rope_h], -1).transpose(0, 2, 1, 3)  # [b, h, s, n+r]
         v = v.transpose(0, 2, 1, 3)  # [b, h, s, v]
         o = attention(q, k, v, segment_ids, scale=cfg.softmax_scale, impl=cfg.attention_impl, ep=ep)  # [b, h, t, v]
-        return linear("bhtv,hvd->btd", o, self.wo[...], dtype=dt)
+        return linear("bhtv,hvd->btd", o, self.wo[...], dtype=dt, recipe=cfg.gemm_recipe)

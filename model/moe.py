@@ -40,7 +40,9 @@ from model.router import Router, route
 def expert_swiglu(cfg: ModelConfig, x_sorted, group_sizes, w_gate, w_up, w_down) -> jax.Array:
     """SwiGLU of rows sorted by expert with weights [e, d, f], [e, d, f], [e, f, d]: [r, d] -> [r, d]."""
     dt = jnp.dtype(cfg.dtype)
-    mm = functools.partial(gmm, group_sizes=group_sizes, impl=cfg.kernels_impl, tile=cfg.moe_block_rows)
+    mm = functools.partial(
+        gmm, group_sizes=group_sizes, impl=cfg.kernels_impl, tile=cfg.moe_block_rows, recipe=cfg.gemm_recipe
+    )
     g = mm(x_sorted, w_gate.astype(dt))  # [r, f]
     u = mm(x_sorted, w_up.astype(dt))  # [r, f]
     return mm(jax.nn.silu(g) * u, w_down.astype(dt))  # [r, d]
@@ -94,7 +96,7 @@ class MoE(nnx.Module):
         self.w_up = linear_param((e, d, f), d, pd, ("expert", "embed", "expert_mlp"), rngs=rngs)
         self.w_down = linear_param((e, f, d), f, pd, ("expert", "expert_mlp", "embed"), rngs=rngs)
         self.shared = (
-            SwiGLU(d, cfg.n_shared_experts * f, param_dtype=pd, dtype=cfg.dtype, rngs=rngs)
+            SwiGLU(d, cfg.n_shared_experts * f, param_dtype=pd, dtype=cfg.dtype, rngs=rngs, recipe=cfg.gemm_recipe)
             if cfg.n_shared_experts > 0
             else None
         )

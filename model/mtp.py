@@ -20,6 +20,7 @@ from flax import nnx
 
 from model.block import Block
 from model.config import ModelConfig
+from model.linear import linear
 from model.norms import RMSNorm
 from model.params import linear_param
 
@@ -28,6 +29,7 @@ class MTPModule(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         d, pd = cfg.d_model, cfg.param_dtype
         self.dtype = jnp.dtype(cfg.dtype)
+        self.recipe = cfg.gemm_recipe
         self.enorm = RMSNorm(d, eps=cfg.rms_eps, param_dtype=pd)
         self.hnorm = RMSNorm(d, eps=cfg.rms_eps, param_dtype=pd)
         self.eh_proj = linear_param((2 * d, d), 2 * d, pd, ("embed_concat", "embed"), rngs=rngs)
@@ -38,7 +40,7 @@ class MTPModule(nnx.Module):
         """Eq. 21: h_prev, emb_ahead [b, t, d] -> the block's input [b, t, d]."""
         dt = self.dtype
         cat = jnp.concatenate([self.enorm(emb_ahead), self.hnorm(h_prev)], axis=-1).astype(dt)  # [b, t, 2d]
-        return jnp.einsum("btx,xd->btd", cat, self.eh_proj[...].astype(dt))
+        return linear("btx,xd->btd", cat, self.eh_proj[...], dtype=dt, recipe=self.recipe)
 
     def __call__(
         self, h_prev: jax.Array, emb_ahead: jax.Array, positions, segment_ids, *, train: bool = False, ep=None

@@ -53,13 +53,20 @@ def dequantize_reference(q, scale, tile_rows: int):
     return q.astype(jnp.float32) * s
 
 
+def column_scales(w_scale, n: int):
+    """w_scale [..., k/128, n/128] (128x128 blocks) or [..., k/128, n] (128x1 tiles: one scale per
+    column per 128 rows, the wgrad's output-gradient operand) -> [..., k/128, n]."""
+    return w_scale if w_scale.shape[-1] == n else jnp.repeat(w_scale, BLOCK, axis=-1)
+
+
 def scaled_matmul_reference(x_q, x_scale, w_q, w_scale, out_dtype=jnp.float32):
-    """x_q [m, k], x_scale [m, k/128], w_q [k, n], w_scale [k/128, n/128] -> [m, n]."""
+    """x_q [m, k], x_scale [m, k/128], w_q [k, n], w_scale [k/128, n/128] or [k/128, n] -> [m, n]."""
     acc = jnp.zeros((x_q.shape[0], w_q.shape[1]), jnp.float32)  # [m, n]
+    w_cols = column_scales(w_scale, w_q.shape[1])  # [k/128, n]
     for b in range(x_q.shape[1] // BLOCK):
         ks = slice(b * BLOCK, (b + 1) * BLOCK)
         part = jnp.dot(x_q[:, ks].astype(jnp.float32), w_q[ks].astype(jnp.float32))  # [m, n]
-        acc = acc + part * x_scale[:, b : b + 1] * jnp.repeat(w_scale[b], BLOCK)[None, :]
+        acc = acc + part * x_scale[:, b : b + 1] * w_cols[b][None, :]
     return acc.astype(out_dtype)
 
 

@@ -130,7 +130,7 @@ def gmm(
     Args:
       lhs: [m, k]. rhs: [G, k, n], or [G, n, k] with transpose_rhs. group_sizes: [G] int32.
       lhs_scale, rhs_scale: optional block scales for quantized operands (fp8/int8): lhs_scale
-        [m, k/128], rhs_scale [G, k/128, n/128]; each 128-deep K block's partial product is scaled
+        [m, k/128], rhs_scale [G, k/128, n/128] (or [G, k/128, n]: per column); each 128-deep K block's partial product is scaled
         before it is added to the f32 accumulator (DeepSeek-V3 report, Sec. 3.3). Needs tk == 128.
       preferred_element_type: output dtype, default lhs.dtype. Accumulation is always f32.
     Returns:
@@ -169,7 +169,7 @@ def gmm(
     if scaled:
         # Lay the scales out so one K block is a [tm, 1] column and a [1, tn] row (TPU block rules).
         lhs_scale = jnp.pad(lhs_scale.T, ((0, 0), (0, mp - m)))[:, :, None]  # [k/128, mp, 1]
-        rhs_scale = jnp.repeat(rhs_scale, 128, axis=2)[:, :, None, :]  # [G, k/128, 1, n]
+        rhs_scale = (rhs_scale if rhs_scale.shape[-1] == n else jnp.repeat(rhs_scale, 128, axis=2))[:, :, None, :]  # [G, k/128, 1, n]
         in_specs += [
             pl.BlockSpec((None, tm, 1), lambda n_i, i, k_i, o, g, t, c: (k_i, t[i], 0)),
             pl.BlockSpec(

@@ -143,69 +143,98 @@ def test_fp8_matmul_error_vs_f32(fmt, limit):
     assert rel <= limit
 
 
-def test_fp8_matmul_straight_through_gradient_and_xla_path():
-    x = jax.random.normal(jax.random.key(8), (32, 256), jnp.bfloat16)
-    w = (jax.random.normal(jax.random.key(9), (256, 128), jnp.float32) / 16).astype(jnp.bfloat16)
-    g = jax.random.normal(jax.random.key(10), (32, 128), jnp.bfloat16)
-    out, vjp = jax.vjp(lambda a, b: fp8_matmul(a, b, impl="pallas"), x, w)
-    assert out.dtype == jnp.bfloat16
-    assert_close(out, fp8_matmul(x, w, impl="xla"), jnp.bfloat16)
+# ---- the training recipe (ops.fp8_matmul / grouped_fp8_matmul): all three products quantized ----
+# The oracle below spells the tiles out on zero-padded float64 copies: fprop x 1x128 / w 128x128;
+# dgrad g 1x128 / w^T 128x128; wgrad x 128x1 / g 128x1 (tiles along the tokens, the contraction).
+# A straight-through backward, a tile along the wrong axis or a dropped scale differs from it by
+# the format's error (~4%), 4000x the tolerance (f32 accumulation order, 1e-5 of the largest entry).
+
+
+def _fake(a, tile_rows, fmt="fp8"):
+    """a [r, c] -> dequantize(quantize(a)) in float64 after zero-padding both axes to 128."""
+    a = np.asarray(a, np.float32)
+    a = np.pad(a, [(0, -d % 128) for d in a.shape])
+    q, s = ref.quantize_reference(jnp.asarray(a), tile_rows, fmt)
+    return np.asarray(ref.dequantize_reference(q, s, tile_rows), np.float64)
+
+
+def _recipe_oracle(x, w, g, fmt="fp8"):
+    """(y, dx, dw) of one [m, k] @ [k, n] product under the recipe, float64; and the operand pairs."""
+    (m, k), n = x.shape, w.shape[1]
+    xf, wf, gf = _fake(x, 1, fmt), _fake(w, 128, fmt), _fake(g, 1, fmt)
+    xtf, gtf = _fake(np.asarray(x).T, 1, fmt), _fake(np.asarray(g).T, 1, fmt)  # [k, m], [n, m] padded
+    y, dx, dw = xf @ wf, gf @ wf.T, xtf @ gtf.T
+    pairs = {"y": (xf, wf), "dx": (gf, wf.T), "dw": (xtf, gtf.T)}
+    return (y[:m, :n], dx[:m, :k], dw[:k, :n]), pairs
+
+
+def _assert_recipe(got, want):
+    for name, a, b in zip(("y", "dx", "dw"), got, want):
+        a = np.asarray(a, np.float64)
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max(), err_msg=name)
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_fp8_matmul_recipe_all_three_products(impl):
+    """Sizes that are no multiple of 128 (padded inside); forward, dgrad and wgrad against the
+    oracle, gradients in the operands' dtypes, and each product within the format's bound of the
+    exact f32 product: rel. error <= 1.1 x the operands' combined quantization error."""
+    m, k, n = 40, 200, 136
+    keys = jax.random.split(jax.random.key(13), 3)
+    x = jax.random.normal(keys[0], (m, k), jnp.float32)
+    w = jax.random.normal(keys[1], (k, n), jnp.float32) / 16
+    g = jax.random.normal(keys[2], (m, n), jnp.float32)
+    y, vjp = jax.vjp(lambda a, b: fp8_matmul(a, b, out_dtype=jnp.float32, impl=impl), x, w)
     dx, dw = vjp(g)
-    _, vjp_exact = jax.vjp(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(a.dtype), x, w)
-    dx_ref, dw_ref = vjp_exact(g)
-    assert dx.dtype == dw.dtype == jnp.bfloat16
-    assert_close(dx, dx_ref, jnp.bfloat16)
-    assert_close(dw, dw_ref, jnp.bfloat16)
+    assert y.shape == (m, n) and dx.shape == (m, k) and dw.shape == (k, n)
+    want, pairs = _recipe_oracle(x, w, g)
+    _assert_recipe((y, dx, dw), want)
+    x64, w64, g64 = (np.asarray(a, np.float64) for a in (x, w, g))
+    exact = {"y": x64 @ w64, "dx": g64 @ w64.T, "dw": x64.T @ g64}
+    operands = {"y": (x64, w64), "dx": (g64, w64.T), "dw": (x64.T, g64)}
+    for name, got in zip(("y", "dx", "dw"), (y, dx, dw)):
+        rel = np.linalg.norm(np.asarray(got) - exact[name]) / np.linalg.norm(exact[name])
+        errs = [
+            np.linalg.norm(f[: a.shape[0], : a.shape[1]] - a) / np.linalg.norm(a)
+            for f, a in zip(pairs[name], operands[name])
+        ]
+        assert rel <= 1.1 * np.hypot(*errs), (name, rel, errs)
 
 
-def test_fp8_matmul_vjp_is_the_adjoint_of_the_unquantized_product():
-    """Straight-through, checked by its defining property rather than its formula: the VJP must be
-    the adjoint of the *unquantized* product's derivative, <g, dx' @ w + x @ dw'> = <dx, dx'> +
-    <dw, dw'> for any directions dx', dw' (both sides in float64 numpy). The quantized forward's
-    own derivative differs (zero almost everywhere within a block, plus the scales' terms); so
-    does a VJP built from the quantized operands (~3% off here), a transposed or rescaled one."""
-    m, k, n = 24, 256, 128
-    keys = jax.random.split(jax.random.key(11), 5)
-    x, dx_dir = (jax.random.normal(kk, (m, k), jnp.float32) for kk in keys[:2])
-    w, dw_dir = (jax.random.normal(kk, (k, n), jnp.float32) / 16 for kk in keys[2:4])
-    g = jax.random.normal(keys[4], (m, n), jnp.float32)
-    _, vjp = jax.vjp(lambda a, b: fp8_matmul(a, b, out_dtype=jnp.float32, impl="pallas"), x, w)
-    dx, dw = (np.asarray(a, np.float64) for a in vjp(g))
-    x, w, g, dx_dir, dw_dir = (np.asarray(a, np.float64) for a in (x, w, g, dx_dir, dw_dir))
-    jx, jw = g * (dx_dir @ w), g * (x @ dw_dir)  # [m, n] terms of the two directional derivatives
-    scale = 1e-5 * (np.abs(jx).sum() + np.abs(jw).sum())  # f32 cotangents: ~1e-7 relative per term
-    # The two terms separately (dw' = 0, then dx' = 0).
-    assert abs(np.sum(dx * dx_dir) - np.sum(jx)) <= scale
-    assert abs(np.sum(dw * dw_dir) - np.sum(jw)) <= scale
+def test_fp8_matmul_gradient_dtypes_follow_operands():
+    """bf16 activations, f32 master weight: y and dx in bf16, dw in f32."""
+    x = jax.random.normal(jax.random.key(8), (32, 128), jnp.bfloat16)
+    w = jax.random.normal(jax.random.key(9), (128, 128), jnp.float32) / 16
+    y, vjp = jax.vjp(lambda a, b: fp8_matmul(a, b, impl="xla"), x, w)
+    dx, dw = vjp(jnp.ones_like(y))
+    assert (y.dtype, dx.dtype, dw.dtype) == (jnp.bfloat16, jnp.bfloat16, jnp.float32)
 
 
-@pytest.mark.parametrize("impl", ["pallas", "xla"])
-def test_grouped_fp8_matmul_forward_and_straight_through_vjp(impl):
-    """Forward: quantize both operands, then the grouped block-scaled matmul (its reference).
-    Backward: straight-through, i.e. the VJP of the unquantized product out[r] = x[r] @ w[e(r)] for
-    the rows r of group e (zero past sum(sizes)), written here in float64 numpy from that
-    definition: dx[r] = g[r] @ w[e(r)]^T, dw[e] = sum over rows r of e of x[r]^T g[r]. The groups
-    include an empty one and 7 trailing rows that belong to none; their cotangents must vanish."""
-    sizes = jnp.asarray([13, 0, 20], jnp.int32)  # rows 33..39 belong to no group
-    m, k, n, groups = 40, 256, 128, 3
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_grouped_fp8_matmul_recipe_all_three_products(impl):
+    """Per expert, the three products of the recipe (expert e's rows against its own 128x128 weight
+    blocks; the wgrad sums x^T g over e's rows with 128x1 tiles along the tokens). Groups include an
+    empty one and 7 trailing rows that belong to none (zeroed before quantizing): their outputs and
+    cotangents vanish, and the empty expert's weight gradient is exactly zero."""
+    sizes = jnp.asarray([13, 0, 20], jnp.int32)
+    m, k, n, groups = 40, 136, 128, 3
     keys = jax.random.split(jax.random.key(12), 3)
     x = jax.random.normal(keys[0], (m, k), jnp.float32)
     w = jax.random.normal(keys[1], (groups, k, n), jnp.float32) / 16
     g = jax.random.normal(keys[2], (m, n), jnp.float32)
-    f = lambda a, b: grouped_fp8_matmul(a, b, sizes, out_dtype=jnp.float32, impl=impl)
-    out, vjp = jax.vjp(f, x, w)
-    x_q, x_s = ref.quantize_reference(x, 1)
-    w_q, w_s = quantize_weights(w, impl="xla")
-    assert_close(out, ref.grouped_scaled_matmul_reference(x_q, x_s, w_q, w_s, sizes), jnp.float32, composite=True)
-    dx, dw = (np.asarray(a, np.float64) for a in vjp(g))
-    x, w, g = (np.asarray(a, np.float64) for a in (x, w, g))
+    y, vjp = jax.vjp(lambda a, b: grouped_fp8_matmul(a, b, sizes, out_dtype=jnp.float32, impl=impl), x, w)
+    dx, dw = vjp(g)
+    owned = np.arange(m)[:, None] < 33
+    xz, gz = np.where(owned, x, 0), np.where(owned, g, 0)
+    xf, gf = _fake(xz, 1), _fake(gz, 1)  # [128, 256], [128, 128]
+    xtf, gtf = _fake(xz.T, 1).T, _fake(gz.T, 1).T  # [128, 256], [128, 128]: 128x1 tiles
+    y_ref, dx_ref, dw_ref = np.zeros((m, n)), np.zeros((m, k)), np.zeros((groups, k, n))
     ends = np.cumsum(np.asarray(sizes))
-    dx_ref, dw_ref = np.zeros((m, k)), np.zeros((groups, k, n))
     for e in range(groups):
         rows = slice(ends[e] - int(sizes[e]), ends[e])
-        dx_ref[rows] = g[rows] @ w[e].T  # [rows, k]
-        dw_ref[e] = x[rows].T @ g[rows]  # [k, n]
-    # f32 accumulation over <= 256 terms of O(1) products: ~1e-6 of the largest entry.
-    np.testing.assert_allclose(dx, dx_ref, rtol=0, atol=1e-5 * np.abs(dx_ref).max())
-    np.testing.assert_allclose(dw, dw_ref, rtol=0, atol=1e-5 * np.abs(dw_ref).max())
-    assert not dx[33:].any() and not dw[1].any()  # rows of no group, the empty expert
+        wf = _fake(w[e], 128)  # [256, 128]
+        y_ref[rows] = (xf[rows] @ wf)[:, :n]
+        dx_ref[rows] = (gf[rows] @ wf.T)[:, :k]
+        dw_ref[e] = (xtf[rows].T @ gtf[rows])[:k, :n]
+    _assert_recipe((y, dx, dw), (y_ref, dx_ref, dw_ref))
+    assert not np.asarray(y)[33:].any() and not np.asarray(dx)[33:].any() and not np.asarray(dw)[1].any()
