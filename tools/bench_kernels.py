@@ -131,9 +131,18 @@ def v3_gemms(cfg, tokens: int, groups: int) -> list[dict]:
     ]
 
 
+def gemm_flops(g: dict) -> int:
+    """2 M K N of the forward product (fwd_bwd adds dgrad and wgrad: 3x)."""
+    if "spec" not in g:
+        return 2 * g["m"] * g["k"] * g["n"]
+    n_out = _out_rank(g["spec"])
+    k = math.prod(g["w"][: len(g["w"]) - n_out])
+    return 2 * (math.prod(g["x"]) // k) * math.prod(g["w"])
+
+
 def _gemm_fn(g: dict, recipe: str, mode: str, dtype, impl: str):
-    """(jitted fn, args, flops): the forward product, or forward + the two backward products
-    (dgrad, wgrad) as ``jax.vjp`` runs them in training."""
+    """(jitted fn, args): the forward product, or forward + the two backward products (dgrad,
+    wgrad) as ``jax.vjp`` runs them in training."""
     kx, kw, kg = jax.random.split(jax.random.key(0), 3)
     if "spec" in g:
         x = jax.random.normal(kx, g["x"], dtype)
@@ -141,8 +150,6 @@ def _gemm_fn(g: dict, recipe: str, mode: str, dtype, impl: str):
         fwd = lambda a, b: linear.linear(g["spec"], a, b, dtype=dtype, recipe=recipe)
         args = (x, w)
         out_shape = jax.eval_shape(fwd, x, w).shape
-        m = math.prod(out_shape) // math.prod(g["w"][-_out_rank(g["spec"]) :])
-        flops = 2 * m * math.prod(g["w"])
     else:
         m, k, n, groups = g["m"], g["k"], g["n"], g["groups"]
         x = jax.random.normal(kx, (m, k), dtype)
@@ -151,16 +158,15 @@ def _gemm_fn(g: dict, recipe: str, mode: str, dtype, impl: str):
         fwd = lambda a, b: grouped_matmul.gmm(a, b, sizes, impl=impl, recipe=recipe)
         args = (x, w)
         out_shape = (m, n)
-        flops = 2 * m * k * n
     if mode == "fwd":
-        return jax.jit(fwd), args, flops
+        return jax.jit(fwd), args
     dy = jax.random.normal(kg, out_shape, dtype)
 
     def fwd_bwd(a, b, dy):
         y, vjp = jax.vjp(fwd, a, b)
         return y, *vjp(dy)
 
-    return jax.jit(fwd_bwd), (*args, dy), 3 * flops
+    return jax.jit(fwd_bwd), (*args, dy)
 
 
 def _out_rank(spec: str) -> int:
@@ -170,28 +176,34 @@ def _out_rank(spec: str) -> int:
     return sum(ch not in x_letters for ch in out.replace("...", ""))
 
 
-def bench_fp8(small: bool, iters: int, *, cfg=None, tokens=None, groups=None, modes=("fwd", "fwd_bwd"), impl="auto"):
+def bench_fp8(
+    small: bool, iters: int, *, cfg=None, tokens=None, groups=None, modes=("fwd", "fwd_bwd"), gemms=None, impl="auto"
+):
     """fp8 against bf16 for every linear GEMM of ``cfg`` (default ``deepseek_v3_671b``), through the
     model's own entry points (``model.linear.linear``, ``model.grouped_matmul.gmm``) with
     ``recipe`` "bf16" and "fp8"; bf16 operands and compute dtype in both. One JSON line per
     (GEMM, mode, recipe); the fp8 line carries ``fp8_over_bf16`` = bf16 ms / fp8 ms (> 1: fp8 is
-    faster). A GEMM the recipe refuses prints its error instead of a time."""
+    faster). A GEMM the recipe refuses prints its error instead of a time. ``gemms``: names to run
+    (default all)."""
     cfg = cfg or presets.deepseek_v3_671b()
     tokens = tokens or (64 if small else 8192)
     groups = groups or (4 if small else 32)
     for g in v3_gemms(cfg, tokens, groups):
+        if gemms and g["name"] not in gemms:
+            continue
         shape = {k: g[k] for k in g if k != "name"}
         for mode in modes:
             ms = {}
             for recipe in ("bf16", "fp8"):
                 base = dict(kernel="gemm", gemm=g["name"], mode=mode, recipe=recipe, shape=shape)
                 try:
-                    fn, args, flops = _gemm_fn(g, recipe, mode, jnp.bfloat16, impl)
+                    fn, args = _gemm_fn(g, recipe, mode, jnp.bfloat16, impl)
                     ms[recipe] = _time_ms(fn, *args, iters=iters)
                 except Exception as e:  # one refused GEMM must not hide the others
                     msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else repr(e)
                     print(json.dumps(dict(base, error=f"{type(e).__name__}: {msg}")), flush=True)
                     continue
+                flops = gemm_flops(g) * (3 if mode == "fwd_bwd" else 1)
                 row = dict(base, ms=round(ms[recipe], 4), tflops=round(flops / ms[recipe] / 1e9, 6))
                 if recipe == "fp8" and "bf16" in ms:
                     row["fp8_over_bf16"] = round(ms["bf16"] / ms["fp8"], 4)
@@ -211,12 +223,20 @@ def main():
     parser.add_argument("--tokens", type=int, default=None, help="fp8: rows per GEMM (default 64 small, 8192)")
     parser.add_argument("--groups", type=int, default=None, help="fp8: experts per device (default 4 small, 32)")
     parser.add_argument("--modes", default="fwd,fwd_bwd", help="fp8: fwd and/or fwd_bwd")
+    parser.add_argument("--gemms", default="", help="fp8: comma-separated GEMM names (default all)")
     args = parser.parse_args()
     small = jax.default_backend() == "cpu" if args.small is None else args.small
     benches = dict(
         gmm=bench_gmm,
         router=bench_router,
-        fp8=lambda s, i: bench_fp8(s, i, tokens=args.tokens, groups=args.groups, modes=args.modes.split(",")),
+        fp8=lambda s, i: bench_fp8(
+            s,
+            i,
+            tokens=args.tokens,
+            groups=args.groups,
+            modes=args.modes.split(","),
+            gemms=[n for n in args.gemms.split(",") if n],
+        ),
     )
     for name in args.kernels.split(","):
         if name not in benches:

@@ -28,28 +28,24 @@ def test_v3_gemm_shapes_are_deepseek_v3s():
 
 
 def test_flops_count_the_model_gemm():
-    """2 * tokens * K * N per product; fwd_bwd is three products (fprop, dgrad, wgrad)."""
+    """2 * tokens * K * N per product, K and N the weight's contracted and output axes."""
     cfg = ModelConfig(d_model=128, n_heads=2, qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=64)
     g = {x["name"]: x for x in bench_kernels.v3_gemms(cfg, tokens=8, groups=2)}
-    _, _, flops = bench_kernels._gemm_fn(g["mla.wo"], "bf16", "fwd", "float32", "auto")
-    assert flops == 2 * 8 * (2 * 64) * 128
-    _, _, flops = bench_kernels._gemm_fn(g["mla.wq_b"], "bf16", "fwd_bwd", "float32", "auto")
-    assert flops == 3 * 2 * 8 * 64 * (2 * 128)
+    assert bench_kernels.gemm_flops(g["mla.wo"]) == 2 * 8 * (2 * 64) * 128  # K = h v
+    assert bench_kernels.gemm_flops(g["mla.wq_b"]) == 2 * 8 * 64 * (2 * 128)  # N = h (n + r)
+    assert bench_kernels.gemm_flops(g["experts.down"]) == 2 * 8 * 64 * 128
 
 
-def test_bench_fp8_prints_every_gemm_both_recipes(capsys):
-    cfg = ModelConfig(
-        d_model=128, dense_ffn_dim=256, n_heads=2, q_lora_rank=128, kv_lora_rank=128, moe_ffn_dim=128,
-        qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=64,
-    )  # fmt: skip
-    bench_kernels.bench_fp8(True, 1, cfg=cfg, tokens=8, groups=2, modes=("fwd", "fwd_bwd"), impl="scan")
+def test_bench_fp8_prints_both_recipes_with_their_ratio(capsys):
+    """One projection (two K axes) and one grouped expert GEMM, forward and forward + backward."""
+    cfg = ModelConfig(d_model=128, n_heads=2, qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=64, moe_ffn_dim=128)
+    gemms = ("mla.wo", "experts.down")
+    bench_kernels.bench_fp8(True, 1, cfg=cfg, tokens=8, groups=2, gemms=gemms, impl="scan")
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r for r in rows if "error" in r] == []
-    names = [x["name"] for x in bench_kernels.v3_gemms(cfg, 8, 2)]
-    assert len(rows) == len(names) * 2 * 2
-    assert {(r["gemm"], r["mode"], r["recipe"]) for r in rows} == {
-        (n, m, rc) for n in names for m in ("fwd", "fwd_bwd") for rc in ("bf16", "fp8")
-    }
+    assert [(r["gemm"], r["mode"], r["recipe"]) for r in rows] == [
+        (n, m, rc) for n in gemms for m in ("fwd", "fwd_bwd") for rc in ("bf16", "fp8")
+    ]
     for r in rows:
         assert r["ms"] > 0 and r["tflops"] > 0
         assert ("fp8_over_bf16" in r) == (r["recipe"] == "fp8")
