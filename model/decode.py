@@ -40,6 +40,8 @@ from flax import nnx
 from model import sampling as sampling_lib
 from model.config import ModelConfig
 from model.decode_experts import small_batch_moe
+from model.fp8_weights import dense
+from model.linear import linear
 from model.mla import MLA
 from model.rope import rope_angles
 from model.sampling import Sampling
@@ -93,7 +95,7 @@ class LayerWeights(NamedTuple):
 def absorbed(mla: MLA) -> tuple[jax.Array, jax.Array]:
     """(W_UK [h, n, c], W_UV [h, c, v]) in the compute dtype: the absorbed cache's up-projections."""
     n = mla.cfg.qk_nope_head_dim
-    wkv_b = mla.wkv_b[...].astype(jnp.dtype(mla.cfg.dtype))  # [c, h, n+v]
+    wkv_b = dense(mla.wkv_b[...], 2, jnp.dtype(mla.cfg.dtype))  # [c, h, n+v] (dequantised if kept FP8)
     return jnp.transpose(wkv_b[..., :n], (1, 2, 0)), jnp.transpose(wkv_b[..., n:], (1, 0, 2))
 
 
@@ -130,7 +132,7 @@ def cached_attention(mla: MLA, x: jax.Array, positions: jax.Array, cache: dict, 
             "bthr,bsr->bhts", q_rope, kr, preferred_element_type=jnp.float32
         )
     else:
-        kv = jnp.einsum("btc,chk->bthk", c_kv, mla.wkv_b[...].astype(dt))  # [b, t, h, n+v]
+        kv = linear("btc,chk->bthk", c_kv, mla.wkv_b[...], dtype=dt, recipe=cfg.gemm_recipe)  # [b, t, h, n+v]
         k_new = jnp.concatenate([kv[..., :n], jnp.broadcast_to(k_rope[:, :, None], q_rope.shape)], -1)
         cache = {"k": _write(cache["k"], k_new, positions), "v": _write(cache["v"], kv[..., n:], positions)}
         k = cache["k"]  # [b, S, h, n+r]
@@ -143,7 +145,7 @@ def cached_attention(mla: MLA, x: jax.Array, positions: jax.Array, cache: dict, 
         o = jnp.einsum("bthc,hcv->bthv", o_lat, w_uv)  # [b, t, h, v]
     else:
         o = jnp.einsum("bhts,bshv->bthv", probs, cache["v"])  # [b, t, h, v]
-    return jnp.einsum("bthv,hvd->btd", o, mla.wo[...].astype(dt)), cache
+    return linear("bthv,hvd->btd", o, mla.wo[...], dtype=dt, recipe=cfg.gemm_recipe), cache
 
 
 def _blocks(model: Transformer) -> list:
