@@ -83,10 +83,14 @@ def make_config(recipe: str, *, steps: int, batch: int, seq_len: int, eval_every
 
 def run(recipe: str, workdir: epath.Path, **kw) -> float:
     """Train (or resume / re-read) one recipe's run; returns the wall seconds it took here."""
+    from train.nonfinite import NonFiniteError
     from train.trainer import train_and_evaluate
 
     start = time.perf_counter()
-    train_and_evaluate(make_config(recipe, **kw), str(workdir / recipe))
+    try:
+        train_and_evaluate(make_config(recipe, **kw), str(workdir / recipe))
+    except NonFiniteError as e:  # the comparison has no final loss to compare: say which run and why
+        raise SystemExit(f"error: the {recipe} run in {workdir / recipe} stopped: {e}") from None
     return time.perf_counter() - start
 
 
