@@ -45,6 +45,7 @@ from flax import nnx
 from model import sampling as sampling_lib
 from model.config import ModelConfig
 from model.decode_experts import SplitExperts, small_batch_moe, split_experts
+from model.fp8_weights import dense
 from model.gqa import GQA
 from model.linear import linear
 from model.mla import MLA
@@ -103,7 +104,7 @@ class LayerWeights(NamedTuple):
 def absorbed(mla: MLA) -> tuple[jax.Array, jax.Array]:
     """(W_UK [h, n, c], W_UV [h, c, v]) in the compute dtype: the absorbed cache's up-projections."""
     n = mla.cfg.qk_nope_head_dim
-    wkv_b = mla.wkv_b[...].astype(jnp.dtype(mla.cfg.dtype))  # [c, h, n+v]
+    wkv_b = dense(mla.wkv_b[...], 2, jnp.dtype(mla.cfg.dtype))  # [c, h, n+v] (dequantised if kept FP8)
     return jnp.transpose(wkv_b[..., :n], (1, 2, 0)), jnp.transpose(wkv_b[..., n:], (1, 0, 2))
 
 

@@ -26,11 +26,13 @@ RoPE: with ``rope_interleave`` both transformers and DeepSeek's reference rotate
 (x[2i], x[2i+1]) (transformers then writes the result de-interleaved, we keep the layout: q and k
 are permuted alike, so every q.k is the same); without it the pairs are (x[i], x[i + r/2]).
 DeepSeek's FP8 release (``quantization_config.quant_method = "fp8"``) stores e4m3 weights with
-``weight_scale_inv`` per 128x128 block: w = w_fp8 * scale_inv, dequantised here to the param dtype.
+``weight_scale_inv`` per 128x128 block: w = w_fp8 * scale_inv, dequantised here to the param dtype,
+or with ``keep_fp8=True`` kept as e4m3 + scales for the linear layers (``model/fp8_weights.py``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Iterable, NamedTuple, Optional
@@ -42,9 +44,10 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from model import hf_config, hf_gqa, hf_qwen_moe
+from model import fp8_weights, hf_config, hf_gqa, hf_qwen_moe
 from model.config import ModelConfig
 from model.hf_config import EXEC_FIELDS  # noqa: F401 (re-exported)
+from model.linear import QuantizedWeight
 from model.transformer import Transformer
 
 ARCHITECTURES = hf_config.ARCHITECTURES + tuple(hf_gqa.ARCHITECTURES) + tuple(hf_qwen_moe.ARCHITECTURES)
@@ -246,13 +249,17 @@ def read_config(path: str) -> dict:
         return json.load(fh)
 
 
-def from_pretrained(path: str, *, dtype: Optional[str] = None, **overrides) -> Transformer:
-    """Load a Hugging Face DeepSeek-V3/V2 or Llama/Qwen2/Qwen3 directory as a ``Transformer`` (``model.cfg`` holds the config).
+def from_pretrained(path: str, *, dtype: Optional[str] = None, keep_fp8: bool = False, **overrides) -> Transformer:
+    """Load a Hugging Face DeepSeek-V3/V2, Llama/Qwen2/Qwen3 or Qwen-MoE directory as a ``Transformer``
+    (``model.cfg`` holds the config).
 
     ``dtype``: param and compute dtype ("float32", "bfloat16"); default the checkpoint's (FP8 ->
     bfloat16). ``overrides``: execution fields (``EXEC_FIELDS``), e.g. ``scan_layers=True``.
     The MTP depth is the number of ``model.layers.{N + k}`` modules actually present (transformers'
     own ``save_pretrained`` writes none even when ``num_nextn_predict_layers`` says 1).
+    ``keep_fp8`` (an FP8 checkpoint with 128x128 blocks; inference only): the linear layers' e4m3
+    weights and scales stay as stored (``model/fp8_weights.py``: half the bytes of bf16) and the
+    model runs with ``gemm_recipe="fp8"``; routed experts and the bf16 tensors load as without it.
     """
     hf = read_config(path)
     wmap = _weight_map(path)
@@ -266,6 +273,13 @@ def from_pretrained(path: str, *, dtype: Optional[str] = None, **overrides) -> T
         )
     q = hf.get("quantization_config") or {}
     block = tuple(q.get("weight_block_size", (128, 128)))
+    if keep_fp8:
+        if q.get("quant_method") != "fp8" or block != (fp8_weights.BLOCK,) * 2:
+            raise ValueError(
+                f"{path}: keep_fp8=True needs an FP8 checkpoint with 128x128 blocks (quantization_config "
+                f"quant_method 'fp8', weight_block_size [128, 128]); config.json has {q or 'none'}"
+            )
+        cfg = dataclasses.replace(cfg, gemm_recipe="fp8")
 
     missing_files = sorted({f for f in wmap.values() if not os.path.exists(os.path.join(path, f))})
     if missing_files:
@@ -282,7 +296,7 @@ def from_pretrained(path: str, *, dtype: Optional[str] = None, **overrides) -> T
     pending = {}  # path -> pieces still to come
     for s in specs.values():
         pending[s.path] = pending.get(s.path, 0) + 1
-    buffers, done, filled = {}, {}, set()
+    buffers, done, filled, kept = {}, {}, set(), {}  # kept: path -> stays FP8
     copies, copy_vals = _shared_copies(cfg), {}
     if cfg.tie_word_embeddings:  # some tied checkpoints store the head as well
         copies["lm_head.weight"] = "model.embed_tokens.weight"
@@ -302,28 +316,37 @@ def from_pretrained(path: str, *, dtype: Optional[str] = None, **overrides) -> T
                     f"first_k_dense={cfg.first_k_dense}); is config.json the right one?"
                 )
             s = specs[key]
-            arr = shard.get(key)
+            arr, sc = shard.get(key), None
             if arr.dtype == ml_dtypes.float8_e4m3fn:
                 sname = key + "_scale_inv"
                 if sname not in wmap:
                     raise KeyError(f"{shard.file}: FP8 tensor {key!r} has no {sname!r}")
                 sfile = wmap[sname]
                 sc = (shard if sfile == file else _Shard(os.path.join(path, sfile))).get(sname)
-                arr = dequantize_fp8(arr, sc, block)
             if tuple(arr.shape) != s.hf_shape:
                 raise ValueError(
                     f"{shard.file}: tensor {key!r} has shape {tuple(arr.shape)}, expected {s.hf_shape} from config.json"
                 )
+            keep = keep_fp8 and sc is not None and s.transpose and fp8_weights.kept(key)
+            if kept.setdefault(s.path, keep) != keep:
+                raise ValueError(
+                    f"{shard.file}: {key!r} is {'' if keep else 'not '}FP8, other pieces of its parameter differ"
+                )
             var = flat[s.path]
-            if s.path not in buffers:
-                buffers[s.path] = np.empty(var.shape, jnp.dtype(var.dtype))
-            buf = buffers[s.path]
-            slot_shape = buf.shape[len(s.index) :]
-            buf[s.index] = (arr.T if s.transpose else arr).reshape(slot_shape)
+            if keep:  # e4m3 [o, i] -> [i-dims, o-dims]; scale_inv [o/128, i/128] -> [K/128, N/128]
+                _place_fp8(buffers, s, var, arr, sc, shard.file, key)
+            else:
+                if sc is not None:
+                    arr = dequantize_fp8(arr, sc, block)
+                if s.path not in buffers:
+                    buffers[s.path] = np.empty(var.shape, jnp.dtype(var.dtype))
+                buf = buffers[s.path]
+                buf[s.index] = (arr.T if s.transpose else arr).reshape(buf.shape[len(s.index) :])
             filled.add(key)
             pending[s.path] -= 1
             if pending[s.path] == 0:  # complete: hand to JAX, drop the host buffer
-                done[s.path] = jnp.asarray(buffers.pop(s.path))
+                got = buffers.pop(s.path)
+                done[s.path] = QuantizedWeight(*map(jnp.asarray, got)) if keep else jnp.asarray(got)
 
     missing = sorted(set(specs) - filled)
     if missing:
@@ -341,11 +364,32 @@ def from_pretrained(path: str, *, dtype: Optional[str] = None, **overrides) -> T
                 key,
                 copies[key],
             )
-    for p, var in flat.items():
+    for p, var in list(flat.items()):
         if p not in done:  # not in the checkpoint: RouterBias when unused
             done[p] = jnp.zeros(var.shape, var.dtype)
-        var.set_value(done[p])
+        if kept.get(p):
+            flat[p] = fp8_weights.FP8Param(done[p], **{k: v for k, v in var.get_metadata().items() if k == "axes"})
+        else:
+            var.set_value(done[p])
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _place_fp8(buffers: dict, s: Spec, var, arr: np.ndarray, sc: np.ndarray, file: str, key: str):
+    """Put one kept-FP8 tensor (e4m3 [o, i], scale_inv [ceil(o/128), ceil(i/128)]) into its
+    parameter's (q, scale) host buffers at ``s.index``."""
+    o, i = arr.shape
+    want = fp8_weights.block_shape(o, i)
+    if tuple(sc.shape) != want:
+        raise ValueError(f"{file}: {key}_scale_inv has shape {tuple(sc.shape)}, expected {want} for 128x128 blocks")
+    if s.path not in buffers:
+        lead = var.shape[: len(s.index)]
+        buffers[s.path] = (
+            np.empty(var.shape, ml_dtypes.float8_e4m3fn),
+            np.empty(lead + fp8_weights.block_shape(i, o), np.float32),
+        )
+    q_buf, s_buf = buffers[s.path]
+    q_buf[s.index] = arr.T.reshape(q_buf.shape[len(s.index) :])
+    s_buf[s.index] = sc.T.astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,6 +14,9 @@ QUANT_FORMATS = {"fp8": (jnp.float8_e4m3fn, 448.0), "int8": (jnp.int8, 127.0)}
 BLOCK = 128
 
 
+_TINY = np.float32(np.finfo(np.float32).tiny)
+
+
 def compute_scale(amax, qmax: float, pow2_scale: bool):
     """scale = amax / qmax, 1 where amax == 0, optionally rounded up to a power of two.
 
@@ -22,7 +25,10 @@ def compute_scale(amax, qmax: float, pow2_scale: bool):
     works on the bits (exp2(ceil(log2(s))) is not exact on XLA:CPU): adding 2^23 - 1 carries any
     nonzero mantissa into the exponent, then the mantissa is cleared.
     """
-    scale = jnp.where(amax > 0, amax * np.float32(1.0 / qmax), 1.0).astype(jnp.float32)
+    # At least the smallest normal f32: amax / qmax below it is subnormal, which XLA:CPU flushes to
+    # zero, and the tile divided by a zero scale turned its zeros into NaN (a training run's
+    # gradients went NaN at step 116; tests/kernels_pallas/test_fp8.py).
+    scale = jnp.where(amax > 0, jnp.maximum(amax * np.float32(1.0 / qmax), _TINY), 1.0).astype(jnp.float32)
     if not pow2_scale:
         return scale
     bits = lax.bitcast_convert_type(scale, jnp.int32)

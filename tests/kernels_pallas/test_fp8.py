@@ -95,6 +95,17 @@ def test_zero_tile_and_outlier_isolation():
     np.testing.assert_array_equal(np.asarray(qw_out, np.float32)[128:, 128:], np.asarray(qw, np.float32)[128:, 128:])
 
 
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_tiny_tile_gets_a_normal_scale_not_nan(impl):
+    """A tile whose amax / qmax is subnormal (amax 1e-37): XLA:CPU flushed that scale to 0 and the
+    tile's zeros became 0 / 0 = NaN (an FP8 training run's gradients went NaN at step 116). The
+    scale is now at least f32's smallest normal; the values stay finite and dequantise close."""
+    x = jnp.zeros((2, 256), jnp.float32).at[0, 0].set(1e-37).at[1, 130].set(-3e-38)
+    q, s = quantize_activations(x, impl=impl)
+    assert np.isfinite(np.asarray(q, np.float32)).all() and (np.asarray(s) > 0).all()
+    np.testing.assert_allclose(_deq(q, s, 1), np.asarray(x), rtol=0.07, atol=0)
+
+
 @pytest.mark.parametrize("fmt", ["fp8", "int8"])
 @pytest.mark.parametrize("out_dtype", [jnp.float32, jnp.bfloat16])
 def test_scaled_matmul_matches_blockwise_reference(fmt, out_dtype):

@@ -1,0 +1,217 @@
+"""``model.hf.from_pretrained(keep_fp8=True)``: DeepSeek's FP8 checkpoint (e4m3 + 128x128
+``weight_scale_inv``) kept as stored, run through the FP8 matmul; against the dequantise-at-import
+path. The test writes its own tiny FP8 checkpoint (no torch needed)."""
+
+import dataclasses
+import json
+import os
+import shutil
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from model import fp8_weights, hf
+from model.config import ModelConfig
+from model.generation import generate_details
+from model.linear import QuantizedWeight, dequantize, linear
+from model.transformer import Transformer
+
+# Every linear dim a multiple of 128 except wkv_a's output (c + r = 192: 1.5 blocks, as V3's 576 is
+# 4.5); the block grids are not square (wq_b: K 128 x N 256) so a transposed scale cannot pass.
+CFG = ModelConfig(
+    d_model=128,
+    n_layers=2,
+    first_k_dense=1,
+    dense_ffn_dim=256,
+    n_heads=2,
+    q_lora_rank=128,
+    kv_lora_rank=128,
+    qk_nope_head_dim=64,
+    qk_rope_head_dim=64,
+    v_head_dim=64,
+    n_routed_experts=4,
+    n_experts_per_tok=2,
+    n_group=1,
+    topk_group=1,
+    moe_ffn_dim=128,
+    mtp_depth=1,
+)
+INV = np.float32(1 / 448)
+
+
+def _scale(amax: float) -> np.float32:
+    """DeepSeek's per-block scale amax / 448, moved by the fewest ulps to one the recipe's quantizer
+    gives back from the dequantised block (its amax is 448 s; its scale amax * f32(1/448)). About
+    half of all f32 scales already are; with the others the re-quantised scale would be 1 ulp off
+    and the two paths below would differ by that rounding instead of being the same product."""
+    s = np.float32(amax) * INV
+    lo = hi = s
+    for _ in range(64):
+        for c in (lo, hi):
+            if np.float32(np.float32(448) * c) * INV == c:
+                return c
+        lo, hi = np.nextafter(lo, np.float32(0)), np.nextafter(hi, np.float32(np.inf))
+    raise AssertionError(f"no round-trip scale near {s}")
+
+
+def _quantize(w: np.ndarray):
+    """w [o, i] f32 -> (e4m3 [o, i], scale_inv [ceil(o/128), ceil(i/128)]) as DeepSeek's release stores it."""
+    o, i = w.shape
+    scale = np.empty(fp8_weights.block_shape(o, i), np.float32)
+    for a in range(scale.shape[0]):
+        for b in range(scale.shape[1]):
+            scale[a, b] = _scale(np.abs(w[a * 128 : (a + 1) * 128, b * 128 : (b + 1) * 128]).max())
+    full = np.repeat(np.repeat(scale, 128, 0), 128, 1)[:o, :i]
+    q = np.clip(w / full, -448, 448).astype(ml_dtypes.float8_e4m3fn)
+    for a in range(scale.shape[0]):  # every block's largest value is +-448: its scale is exact
+        for b in range(scale.shape[1]):
+            assert np.abs(q[a * 128 : (a + 1) * 128, b * 128 : (b + 1) * 128].astype(np.float32)).max() == 448
+    return q, scale
+
+
+@pytest.fixture(scope="module")
+def fp8_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("hf_fp8"))
+    hf.save_pretrained(Transformer(CFG, rngs=nnx.Rngs(0)), path)
+    tensors = load_file(os.path.join(path, "model.safetensors"))
+    for k in list(tensors):
+        if tensors[k].ndim != 2 or "embed" in k or "head" in k or k.endswith("mlp.gate.weight"):
+            continue  # DeepSeek keeps these in high precision
+        tensors[k], tensors[k + "_scale_inv"] = _quantize(tensors[k])
+    save_file(tensors, os.path.join(path, "model.safetensors"))
+    conf = json.load(open(os.path.join(path, "config.json")))
+    conf["quantization_config"] = dict(quant_method="fp8", fmt="e4m3", weight_block_size=[128, 128])
+    json.dump(conf, open(os.path.join(path, "config.json"), "w"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def models(fp8_dir):
+    kept = hf.from_pretrained(fp8_dir, dtype="float32", keep_fp8=True)
+    deq = hf.from_pretrained(fp8_dir, dtype="float32")  # today's path: dequantised at import
+    return kept, deq
+
+
+def _with_recipe(model, recipe: str):
+    """The same weights under another ``gemm_recipe`` (a static field of the module tree)."""
+    cfg = dataclasses.replace(model.cfg, gemm_recipe=recipe)
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    return nnx.merge(graphdef, nnx.state(model))
+
+
+@nnx.jit
+def _logits(model, ids):
+    return model(ids).logits
+
+
+def _kept(model) -> dict:
+    return {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, fp8_weights.FP8Param))}
+
+
+def test_kept_weights_are_the_checkpoints_e4m3_and_scales(models):
+    """What is kept: every attention / dense FFN / shared-expert / MTP linear, q in e4m3 whose
+    dequantisation is bitwise the imported weight; the routed experts and the bf16 tensors are not."""
+    kept, deq = models
+    assert kept.cfg.gemm_recipe == "fp8" and deq.cfg.gemm_recipe == "bf16"
+    weights = _kept(kept)
+    names = {p[-2:] if p[-2] in ("attn", "shared") else p[-1:] for p in weights}
+    assert names == {("attn", w) for w in ("wq_a", "wq_b", "wkv_a", "wkv_b", "wo")} | {
+        ("shared", w) for w in ("w_gate", "w_up", "w_down")
+    } | {("w_gate",), ("w_up",), ("w_down",), ("eh_proj",)}
+    ref = dict(nnx.to_flat_state(nnx.state(deq)))
+    n_out = dict(wq_b=2, wkv_b=2)
+    for p, w in weights.items():
+        assert w.q.dtype == jnp.float8_e4m3fn and w.scale.dtype == jnp.float32, p
+        want = ref[p].get_value()
+        assert w.q.shape == want.shape, p
+        np.testing.assert_array_equal(np.asarray(dequantize(w, n_out.get(p[-1], 1))), np.asarray(want), err_msg=str(p))
+    experts = dict(nnx.to_flat_state(nnx.state(kept)))[("moe_blocks", 0, "mlp", "w_gate")]
+    assert not isinstance(experts, fp8_weights.FP8Param) and experts.get_value().dtype == jnp.float32
+
+
+def test_kept_weights_take_half_the_bytes_of_bf16(models):
+    """q: one byte per weight (exactly half of bf16); scales: 4 bytes per (possibly partial) block."""
+    counts = fp8_weights.nbytes(models[0])
+    weights = _kept(models[0])
+    n = sum(w.q.size for w in weights.values())
+    blocks = sum(w.scale.size for w in weights.values())
+    assert counts == dict(fp8=n + 4 * blocks, bf16=2 * n)
+    assert counts["fp8"] / counts["bf16"] < 0.5 * (1 + 2 / 4096)  # wkv_a's partial blocks: < 2 scales / 16384
+
+
+def test_logits_equal_the_dequantised_import_under_the_same_fp8_matmul(models):
+    """Same recipe, same numbers: the kept e4m3 blocks against the dequantised weights that the recipe
+    re-quantises (the checkpoint's scales round-trip, ``_scale``), activations quantised per 1x128 in
+    both: the same operands through the same ops, so the logits are bitwise equal (a difference in
+    summation order alone would be f32 rounding, but it can flip an activation's e4m3 rounding in
+    the next layer, so no small tolerance would be derived from the format). Against the f32 path
+    (dequantised weights, unquantised activations) they differ by the activations' e4m3 rounding,
+    bounded per GEMM in ``test_each_kept_gemm_is_within_e4m3_rounding_of_the_f32_product``."""
+    kept, deq = models
+    ids = jnp.asarray(np.random.RandomState(0).randint(0, CFG.vocab_size, (2, 24)), jnp.int32)
+    got = np.asarray(_logits(kept, ids))
+    want = np.asarray(_logits(_with_recipe(deq, "fp8"), ids))
+    np.testing.assert_array_equal(got, want)
+
+
+def test_generation_runs_the_kept_weights(models):
+    """Greedy decoding with the absorbed cache (W_UK / W_UV from the dequantised wkv_b, wo and the
+    projections through the FP8 matmul) picks the tokens the full forward pass of the same kept
+    model ranks first (teacher-forced on the generated sequence)."""
+    kept = models[0]
+    prompts = np.random.RandomState(2).randint(0, CFG.vocab_size, (2, 21)).tolist()
+    new = generate_details(kept, prompts, max_new_tokens=3).tokens
+    seq = np.array([p + t[:2] + t[1:2] for p, t in zip(prompts, new)], np.int32)  # [2, 24]: last one pads
+    logits = np.asarray(_logits(kept, jnp.asarray(seq)))[:, 20:23]  # [2, 3, V] predicting the new tokens
+    assert logits.argmax(-1).tolist() == new
+    top2 = np.sort(logits, -1)[..., -2:]
+    assert np.all(top2[..., 1] - top2[..., 0] > 1e-3)  # no near tie decides the comparison
+
+
+def test_each_kept_gemm_is_within_e4m3_rounding_of_the_f32_product(models):
+    """The format's tolerance, derived: x is rounded to e4m3 per 1x128 tile with scale s = amax/448.
+    e4m3 has 3 mantissa bits, so a normal value (|x/s| >= 2^-6) moves by at most 2^-4 of itself and
+    a subnormal one by at most half the subnormal spacing, 2^-10 s. With the weight exact (it is the
+    stored q * scale), |y - y_f32| <= sum_k (2^-4 |x_k| + 2^-10 s_k) |w_kn| + f32 accumulation."""
+    rng = np.random.RandomState(1)
+    weights = _kept(models[0])
+    # one of each layout: two output axes and a non-square block grid, a partial block, two K axes
+    for p in [
+        ("moe_blocks", 0, "attn", "wq_b"),
+        ("dense_blocks", 0, "attn", "wkv_a"),
+        ("mtp", 0, "block", "attn", "wo"),
+    ]:
+        w = weights[p]
+        n_out = 2 if p[-1] in ("wq_b", "wkv_b") else 1
+        w2 = QuantizedWeight(w.q.reshape(-1, int(np.prod(w.q.shape[-n_out:]))), w.scale)  # [K, N]
+        kk = w2.q.shape[0]
+        x = (rng.standard_normal((16, kk)) * np.exp(rng.standard_normal((16, 1)))).astype(np.float32)
+        x[0, :5] = 1e-6  # subnormal after scaling
+        got = np.asarray(linear("mk,kn->mn", jnp.asarray(x), w2, dtype="float32", recipe="fp8"), np.float64)
+        wd = np.asarray(dequantize(w2, 1), np.float64)
+        exact = x.astype(np.float64) @ wd
+        kp = -(-kk // 128) * 128
+        amax = np.abs(np.pad(x, ((0, 0), (0, kp - kk)))).reshape(16, -1, 128).max(-1)  # [m, K/128]
+        s = np.repeat(amax * np.float64(INV), 128, 1)[:, :kk]
+        bound = (2.0**-4 * np.abs(x) + 2.0**-10 * s) @ np.abs(wd) + 1e-6 * (np.abs(x) @ np.abs(wd))
+        assert np.all(np.abs(got - exact) <= bound), (p, np.max(np.abs(got - exact) / bound))
+        assert np.max(np.abs(got - exact) / bound) > 0.05, p  # the bound is not vacuous: rounding is seen
+
+
+def test_keep_fp8_refuses_a_checkpoint_it_cannot_keep(fp8_dir, tmp_path):
+    """Not FP8, or blocks other than the recipe's 128x128: one error naming what config.json has."""
+    path = str(tmp_path / "bf16")
+    hf.save_pretrained(Transformer(CFG, rngs=nnx.Rngs(0)), path)
+    with pytest.raises(ValueError, match="keep_fp8=True needs an FP8 checkpoint with 128x128 blocks.*none"):
+        hf.from_pretrained(path, keep_fp8=True)
+    path = str(tmp_path / "blocks64")
+    shutil.copytree(fp8_dir, path)
+    conf = json.load(open(os.path.join(path, "config.json")))
+    conf["quantization_config"]["weight_block_size"] = [64, 64]
+    json.dump(conf, open(os.path.join(path, "config.json"), "w"))
+    with pytest.raises(ValueError, match=r"keep_fp8=True .* 'weight_block_size': \[64, 64\]"):
+        hf.from_pretrained(path, keep_fp8=True)
