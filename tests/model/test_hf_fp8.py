@@ -163,8 +163,9 @@ def test_generation_runs_the_kept_weights(models):
     activations scaled on their own) picks the tokens the full forward pass of the same kept model
     ranks first (teacher-forced on the generated sequence); with the absorbed cache (W_UK / W_UV
     folded from the dequantised wkv_b, plain) it generates exactly what the dequantise-at-import
-    model generates under the fp8 recipe. The absorbed cache is only FP8-error close to the forward
-    (``tests/model/test_fp8_model.py``), so its tokens are not compared with the forward's argmax."""
+    model generates under the fp8 recipe (the two models' logits are bitwise equal, above). The
+    absorbed cache is only FP8-error close to the forward (``tests/model/test_fp8_model.py``), so its
+    tokens are not compared with the forward's argmax."""
     kept, deq = models
     prompts = np.random.RandomState(2).randint(0, CFG.vocab_size, (2, 21)).tolist()
     new = generate_details(kept, prompts, max_new_tokens=3, cache="naive").tokens
