@@ -28,19 +28,24 @@ EXEC_FIELDS = (
 # Every config.json field we know: mapped below, checked to have the one value we support, or
 # without effect on the forward pass (bookkeeping, training-only knobs, derived sizes, and
 # num_key_value_heads, which MLA does not have: every head reads the shared latent).
-_KNOWN = {
-    "architectures",
-    "model_type",
-    "transformers_version",
-    "torch_dtype",
-    "dtype",
+# Fields of every transformers config.json that do not change the forward pass (also model/hf_gqa.py).
+BOOKKEEPING = frozenset(
+    {
+        "architectures",
+        "model_type",
+        "transformers_version",
+        "torch_dtype",
+        "dtype",
+        "_name_or_path",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "initializer_range",
+        "use_cache",
+    }
+)
+_KNOWN = BOOKKEEPING | {
     "auto_map",
-    "_name_or_path",
-    "bos_token_id",
-    "eos_token_id",
-    "pad_token_id",
-    "initializer_range",
-    "use_cache",
     "output_router_logits",
     "router_aux_loss_coef",
     "aux_loss_alpha",

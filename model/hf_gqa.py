@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Optional
 
 from model.config import Llama3RopeConfig, ModelConfig
-from model.hf_config import _need, _yarn_from_hf, with_execution, yarn_to_hf
+from model.hf_config import BOOKKEEPING, _need, _yarn_from_hf, with_execution, yarn_to_hf
 
 # architecture -> (model_type, q/k/v biases, per-head q/k norm): what each transformers class fixes
 ARCHITECTURES = {
@@ -29,18 +29,7 @@ ARCHITECTURES = {
     "Qwen3ForCausalLM": ("qwen3", False, True),
 }
 # config.json fields we map, check, or that do not change the forward pass (bookkeeping, training-only).
-_KNOWN = {
-    "architectures",
-    "model_type",
-    "transformers_version",
-    "torch_dtype",
-    "dtype",
-    "_name_or_path",
-    "bos_token_id",
-    "eos_token_id",
-    "pad_token_id",
-    "initializer_range",
-    "use_cache",
+_KNOWN = BOOKKEEPING | {
     "attention_dropout",
     "pretraining_tp",  # Llama: a slicing of the same matmuls
     "hidden_act",
