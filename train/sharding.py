@@ -205,11 +205,11 @@ def tree_shardings(tree: Any, mesh: Mesh) -> Any:
 
 def create(make: Callable[[], Any], shardings: Any, mesh: Mesh) -> Any:
     """``make()``'s arrays, created already sharded: each device computes only its shards, so a
-    model too big for one device can be initialised. On a 1-device mesh ``make`` runs eagerly, as
-    the single-device trainer always did (XLA's fusion under jit rounds a few initial values
-    differently, ~1 ulp)."""
-    if mesh.size == 1:
-        return jax.device_put(make(), shardings)
+    model too big for one device can be initialised. One compiled program on every mesh, one
+    device included: run eagerly, ``make`` would compile and cache one executable per operation
+    and parameter shape (``small``: ~0.2 GB of host memory held for the whole run, issue #15), and
+    its initial values would differ from a mesh's by ~1 ulp (XLA's fusion rounds a few of them
+    differently under jit)."""
     return jax.jit(make, out_shardings=shardings)()
 
 

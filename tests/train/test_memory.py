@@ -82,7 +82,10 @@ def test_compile_ahead_compiles_once_and_gives_the_plain_steps_results(monkeypat
     batches = [sharding.global_batch(b, mesh) for b in synthetic_batches(2, 16, 2, 0)]
 
     step = sharded_train_step(graphdef, tx, c, mesh, state_sh, donate=False)
+    n0 = len(compiles)
     state = sharding.create(lambda: init_state(cfg, tx, 0)[1], state_sh, mesh)  # as the trainer does
+    # one program on a one-device mesh too (eager, every op compiled and cached its own executable)
+    assert len(compiles) == n0 + 1, f"initialisation compiled {len(compiles) - n0} programs"
     n0 = len(compiles)
     memory.compile_ahead(step, state, batches[0])
     assert len(compiles) == n0 + 1
@@ -94,7 +97,7 @@ def test_compile_ahead_compiles_once_and_gives_the_plain_steps_results(monkeypat
 
     # The same step with XLA:CPU's default (concurrency-optimised) scheduler, called as usual.
     default = sharding.MeshJit(make_train_step(graphdef, tx, c), mesh)
-    state = init_state(cfg, tx, 0)[1]
+    state = sharding.create(lambda: init_state(cfg, tx, 0)[1], state_sh, mesh)
     for b, (want_state, want_m) in zip(batches, got):
         state, m = default(state, b)
         for x, y in zip(jax.tree.leaves((state, m)), jax.tree.leaves((want_state, want_m))):
