@@ -309,8 +309,9 @@ def grouped_prequantized_matmul(
     int8) and w_scale [G, ceil(k/128), ceil(n/128)] f32 per 128x128 block (w = w_q * w_scale, e.g.
     DeepSeek's ``weight_scale_inv`` per expert). x is quantized per 1x128 tile (``fmt``) and
     multiplied with the stored blocks, never with an f32 copy of the whole weight (the "xla" impl
-    dequantizes 128 rows of it at a time). Gradients: dx by the recipe's dgrad; none for the weight
-    (inference). Any m, k, n (partial blocks zero-padded: a zero changes no product)."""
+    dequantizes 128 rows of it at a time; XLA:CPU, which has no float8, still converts a float8
+    operand it slices to f16 first: docs/benchmarks.md). Gradients: dx by the recipe's dgrad; none
+    for the weight (inference). Any m, k, n (partial blocks zero-padded: a zero changes no product)."""
     (g, k, n), m = w_q.shape, x.shape[0]
     want = (g, -(-k // BLOCK), -(-n // BLOCK))
     if tuple(w_scale.shape) != want or x.shape[1] != k:

@@ -258,8 +258,9 @@ def test_grouped_prequantized_matmul_against_the_dequantized_weight(impl):
     FP8 experts are stored): forward and dgrad against the f32 product with the dequantised weight,
     within the format's bound (rel. error <= 1.1 x the operands' combined quantization error; the
     weight's is 0, it IS q * scale) and against the float64 oracle of the same tiles (1e-5). Partial
-    blocks (k 200, n 136), an empty expert, 7 rows of no expert. The XLA engine never holds an f32
-    copy of the whole (padded) weight, only 128-row slabs of it; the weight gets no gradient."""
+    blocks (k 200, n 136), an empty expert, 7 rows of no expert. The XLA engine's program (jaxpr)
+    never builds an f32 copy of the whole (padded) weight, only 128-row slabs of it; the weight
+    gets no gradient."""
     sizes = jnp.asarray([13, 0, 20], jnp.int32)
     m, k, n, groups = 40, 200, 136, 3
     keys = jax.random.split(jax.random.key(14), 3)
