@@ -181,19 +181,24 @@ def test_kept_weights_take_half_the_bytes_of_bf16(models):
     assert counts["fp8"] / counts["bf16"] < 0.5 * (1 + 2 / 4096)  # wkv_a's partial blocks: < 2 scales / 16384
 
 
-def test_logits_equal_the_dequantised_import_under_the_same_fp8_matmul(models):
+def test_logits_equal_the_dequantised_import_under_the_same_fp8_matmul(models, fp8_dir):
     """Same recipe, same numbers: the kept e4m3 blocks against the dequantised weights that the recipe
     re-quantises (the checkpoint's scales round-trip, ``_scale``), activations quantised per 1x128 in
     both: the same operands through the same ops, so the logits are bitwise equal (a difference in
     summation order alone would be f32 rounding, but it can flip an activation's e4m3 rounding in
     the next layer, so no small tolerance would be derived from the format). Against the f32 path
     (dequantised weights, unquantised activations) they differ by the activations' e4m3 rounding,
-    bounded per GEMM in ``test_each_kept_gemm_is_within_e4m3_rounding_of_the_f32_product``."""
+    bounded per GEMM in ``test_each_kept_gemm_is_within_e4m3_rounding_of_the_f32_product``.
+    Stacked layers (``scan_layers``: q [L, E, d, f], scale [L, E, 1, 1]) give the same logits."""
     kept, deq = models
     ids = jnp.asarray(np.random.RandomState(0).randint(0, CFG.vocab_size, (2, 24)), jnp.int32)
     got = np.asarray(_logits(kept, ids))
     want = np.asarray(_logits(_with_recipe(deq, "fp8"), ids))
     np.testing.assert_array_equal(got, want)
+    stacked = hf.from_pretrained(fp8_dir, dtype="float32", keep_fp8=True, scan_layers=True)
+    w = _kept(stacked)[("moe_blocks", "mlp", "w_gate")]
+    assert w.q.shape == (1, 4, 128, 128) and w.scale.shape == (1, 4, 1, 1)
+    np.testing.assert_array_equal(np.asarray(_logits(stacked, ids)), got)
 
 
 def test_generation_runs_the_kept_weights(models):
