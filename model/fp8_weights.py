@@ -9,15 +9,20 @@ w = q * scale_inv. ``model.hf.from_pretrained(path, keep_fp8=True)`` keeps ``q``
 activations per 1x128 tile at run time and multiplies them with the stored blocks (the block-scaled
 matmul of ``kernels_pallas/fp8``). One byte per weight plus 4 per 16,384: half of bf16.
 
-Which weights are kept (``kept``): those every inference path reads through ``linear`` (MLA's
-projections, the dense FFN, the shared experts, the MTP ``eh_proj``). ``decode.absorbed`` folds
+Which weights are kept (``kept``): every linear weight of the checkpoint. Those read through
+``linear`` (MLA's projections, the dense FFN, the shared experts, the MTP ``eh_proj``), and the
+routed experts ("mlp.experts.{i}.*", most of a DeepSeek model's bytes), stacked per layer like the
+plain import stacks them: q [(L,) E, K, N], scale [(L,) E, ceil(K/128), ceil(N/128)], multiplied by
+``model.grouped_matmul.gmm`` (``kernels_pallas.fp8.grouped_prequantized_matmul``; decode steps
+too: ``model/decode_experts.py`` sends quantized recipes to the layer). ``decode.absorbed`` folds
 wkv_b into the absorbed cache's W_UK / W_UV (as DeepSeek's inference code does, from the
-dequantised weight: ``dense``). The routed experts (``model/grouped_matmul.py`` and
-``model/decode_experts.py`` take plain arrays) are dequantised at import, as are the tensors the
-release stores in bf16 (embedding, output head, router, norms).
+dequantised weight: ``dense``). The tensors the release stores in bf16 (embedding, output head,
+router, norms) load as they are. Expert parallelism (``model/moe_ep.py``) refuses kept experts.
 """
 
 from __future__ import annotations
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -27,8 +32,8 @@ from model.linear import QuantizedWeight, dequantize
 
 BLOCK = 128  # model.linear's weight block: a checkpoint with another weight_block_size is refused
 
-# Hugging Face tensors read only through ``model.linear.linear`` (name endings). Routed experts
-# ("mlp.experts.{i}.*") end differently and are dequantised.
+# Hugging Face tensors read only through ``model.linear.linear`` (name endings); the routed experts
+# ("mlp.experts.{i}.*", read by the grouped matmul) are ``_EXPERT``.
 _LINEAR = tuple(
     f".{n}.weight"
     for n in (
@@ -47,11 +52,13 @@ _LINEAR = tuple(
         "eh_proj",
     )
 )
+_EXPERT = re.compile(r"\.mlp\.experts\.\d+\.(gate|up|down)_proj\.weight$")
 
 
 class FP8Param(nnx.Param):
     """A linear weight kept quantized: ``w[...]`` is its ``QuantizedWeight`` (q e4m3 in the weight's
-    shape, scale [(L,) ceil(K/128), ceil(N/128)] f32), which ``model.linear.linear`` multiplies."""
+    shape, scale [(L,) (E,) ceil(K/128), ceil(N/128)] f32), which ``model.linear.linear`` (routed
+    experts: ``model.grouped_matmul.gmm``) multiplies."""
 
     def __getitem__(self, key):
         if key is not ...:
@@ -61,7 +68,7 @@ class FP8Param(nnx.Param):
 
 def kept(name: str) -> bool:
     """Is the Hugging Face tensor ``name`` one of those kept in FP8 (when the checkpoint stores it so)?"""
-    return name.endswith(_LINEAR)
+    return name.endswith(_LINEAR) or _EXPERT.search(name) is not None
 
 
 def block_shape(k: int, n: int) -> tuple[int, int]:
@@ -78,7 +85,8 @@ def dense(w, n_out: int, dtype) -> jax.Array:
 
 
 def nbytes(model) -> dict:
-    """Bytes of the weights kept in FP8 (q and scales) and of the same weights in bf16."""
+    """Bytes of the weights kept in FP8 (q and scales) and of the same weights in bf16 (2 per entry of
+    q); not counted: the tensors stored in high precision (embedding, head, router, norms)."""
     kept_bytes = bf16_bytes = 0
     for _, var in nnx.to_flat_state(nnx.state(model, FP8Param)):
         w = var.get_value()

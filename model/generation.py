@@ -207,8 +207,10 @@ class Prepared(NamedTuple):
 
 def small_step(cfg, batch: int, speculative: bool) -> bool:
     """Whether a decode step's tokens (``batch`` rows, 2 per row when speculative) use the
-    gathered experts (``decode_experts``: m k < E), the path the split experts speed up."""
-    return batch * (2 if speculative else 1) * cfg.n_experts_per_tok < cfg.n_routed_experts
+    gathered experts (``decode_experts``: m k < E, "bf16" only), the path the split experts speed up."""
+    return (
+        cfg.gemm_recipe == "bf16" and batch * (2 if speculative else 1) * cfg.n_experts_per_tok < cfg.n_routed_experts
+    )
 
 
 def prepare_for(model: Transformer, batch: int, speculative: bool = False) -> Prepared:

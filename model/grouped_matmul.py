@@ -23,10 +23,10 @@ import jax
 import jax.numpy as jnp
 
 from kernels_pallas import backend
-from kernels_pallas.fp8 import grouped_fp8_matmul
+from kernels_pallas.fp8 import grouped_fp8_matmul, grouped_prequantized_matmul
 from kernels_pallas.gmm import ops as pallas_gmm
 from kernels_pallas.gmm.kernel import make_group_metadata
-from model.linear import RECIPES
+from model.linear import RECIPES, QuantizedWeight, dequantize
 
 
 def _work_list(group_sizes, m: int, tile: int):
@@ -111,28 +111,31 @@ _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 
 def gmm(
-    lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, impl: str = "auto", tile: int = 64, recipe: str = "bf16"
+    lhs: jax.Array, rhs, group_sizes: jax.Array, *, impl: str = "auto", tile: int = 64, recipe: str = "bf16"
 ) -> jax.Array:
     """Grouped matmul [m, k] x [g, k, n] -> [m, n] in lhs.dtype (f32 accumulation); see the module
     docstring. ``tile``: rows per work item of the "scan" backend. ``recipe`` (``model/linear.py``):
     "fp8" / "int8" quantize all three products (``kernels_pallas.fp8.grouped_fp8_matmul``: the
     block-scaled Pallas kernel for impl "pallas", else this backend's product of the dequantized
-    operands in f32, the same sums up to f32 rounding)."""
+    operands in f32, the same sums up to f32 rounding).
+
+    ``rhs`` may be a ``QuantizedWeight`` (q [g, k, n] e4m3, scale [g, ceil(k/128), ceil(n/128)]: each
+    expert's 128x128 blocks, e.g. DeepSeek's FP8 experts kept as stored, ``model/fp8_weights.py``): as
+    ``linear`` does, under "fp8" / "int8" it is multiplied as stored
+    (``kernels_pallas.fp8.grouped_prequantized_matmul``: inference, no gradient reaches it), under
+    "bf16" dequantized first."""
     group_sizes = group_sizes.astype(jnp.int32)
     impl = backend.resolve(impl)
     if recipe not in RECIPES:
         raise ValueError(f"gmm: recipe must be one of {RECIPES}, got {recipe!r}")
+    if isinstance(rhs, QuantizedWeight) and recipe == "bf16":
+        rhs = jax.vmap(lambda q, s: dequantize(QuantizedWeight(q, s), 1, lhs.dtype))(rhs.q, rhs.scale)  # [g, k, n]
     if recipe != "bf16":
         product = None if impl == "pallas" else functools.partial(_f32_product, impl=impl, tile=tile)
-        return grouped_fp8_matmul(
-            lhs,
-            rhs,
-            group_sizes,
-            fmt=recipe,
-            out_dtype=lhs.dtype,
-            impl="pallas" if impl == "pallas" else "xla",
-            product=product,
-        )
+        kw = dict(fmt=recipe, out_dtype=lhs.dtype, impl="pallas" if impl == "pallas" else "xla", product=product)
+        if isinstance(rhs, QuantizedWeight):
+            return grouped_prequantized_matmul(lhs, rhs.q, rhs.scale, group_sizes, **kw)
+        return grouped_fp8_matmul(lhs, rhs, group_sizes, **kw)
     if impl == "pallas":
         return pallas_gmm.gmm(lhs, rhs, group_sizes)
     if impl == "ragged_dot":

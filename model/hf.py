@@ -27,7 +27,8 @@ RoPE: with ``rope_interleave`` both transformers and DeepSeek's reference rotate
 are permuted alike, so every q.k is the same); without it the pairs are (x[i], x[i + r/2]).
 DeepSeek's FP8 release (``quantization_config.quant_method = "fp8"``) stores e4m3 weights with
 ``weight_scale_inv`` per 128x128 block: w = w_fp8 * scale_inv, dequantised here to the param dtype,
-or with ``keep_fp8=True`` kept as e4m3 + scales for the linear layers (``model/fp8_weights.py``).
+or with ``keep_fp8=True`` kept as e4m3 + scales for the linear layers and the routed experts
+(``model/fp8_weights.py``).
 """
 
 from __future__ import annotations
@@ -257,9 +258,9 @@ def from_pretrained(path: str, *, dtype: Optional[str] = None, keep_fp8: bool = 
     bfloat16). ``overrides``: execution fields (``EXEC_FIELDS``), e.g. ``scan_layers=True``.
     The MTP depth is the number of ``model.layers.{N + k}`` modules actually present (transformers'
     own ``save_pretrained`` writes none even when ``num_nextn_predict_layers`` says 1).
-    ``keep_fp8`` (an FP8 checkpoint with 128x128 blocks; inference only): the linear layers' e4m3
-    weights and scales stay as stored (``model/fp8_weights.py``: half the bytes of bf16) and the
-    model runs with ``gemm_recipe="fp8"``; routed experts and the bf16 tensors load as without it.
+    ``keep_fp8`` (an FP8 checkpoint with 128x128 blocks; inference only): the linear layers' and the
+    routed experts' e4m3 weights and scales stay as stored (``model/fp8_weights.py``: half the bytes
+    of bf16) and the model runs with ``gemm_recipe="fp8"``; the bf16 tensors load as without it.
     """
     hf = read_config(path)
     wmap = _weight_map(path)

@@ -40,6 +40,7 @@ from model.balance import batch_balance_loss, batch_balance_terms, sequence_bala
 from model.config import ModelConfig
 from model.ffn import SwiGLU
 from model.grouped_matmul import gmm
+from model.linear import QuantizedWeight
 from model.params import linear_param
 from model.router import Router, route
 
@@ -50,8 +51,11 @@ def expert_swiglu(cfg: ModelConfig, x_sorted, group_sizes, w_gate, w_up, w_down)
     mm = functools.partial(
         gmm, group_sizes=group_sizes, impl=cfg.kernels_impl, tile=cfg.moe_block_rows, recipe=cfg.gemm_recipe
     )
-    # quantized recipes read the f32 master weights (and return f32 weight gradients) themselves
-    cast = (lambda w: w.astype(dt)) if cfg.gemm_recipe == "bf16" else (lambda w: w)
+
+    def cast(w):  # quantized recipes read the f32 master weights (f32 weight gradients) themselves;
+        # gmm takes a kept-FP8 ``QuantizedWeight`` (model/fp8_weights.py) as is under every recipe
+        return w if cfg.gemm_recipe != "bf16" or isinstance(w, QuantizedWeight) else w.astype(dt)
+
     g = mm(x_sorted, cast(w_gate))  # [r, f]
     u = mm(x_sorted, cast(w_up))  # [r, f]
     return mm(jax.nn.silu(g) * u, cast(w_down))  # [r, d]
@@ -147,5 +151,9 @@ class MoE(nnx.Module):
             self.w_up[...],
             self.w_down[...],
         )
+        if ep is not None and isinstance(args[4], QuantizedWeight):
+            raise ValueError(
+                "MoE: expert parallelism (ep) does not take kept-FP8 experts (from_pretrained keep_fp8=True)"
+            )
         out, aux = body(*args) if ep is None else moe_ep.shard(body, ep, *args)
         return (out + self.shared_experts(xt)).astype(x.dtype), aux

@@ -4,6 +4,7 @@ from kernels_pallas.fp8.kernel import BlockSizes
 from kernels_pallas.fp8.ops import (
     fp8_matmul,
     grouped_fp8_matmul,
+    grouped_prequantized_matmul,
     grouped_scaled_matmul,
     quantize_activations,
     quantize_weights,

@@ -163,23 +163,49 @@ def _grouped_fp8_matmul(x, w, group_sizes, fmt, pow2_scale, out_dtype, interpret
     return _grouped_fp8_matmul_fwd(x, w, group_sizes, fmt, pow2_scale, out_dtype, interpret, impl, product)[0]
 
 
-def _grouped_product(x_q, x_scale, w_q, w_scale, group_sizes, out_dtype, interpret, impl, product):
+def _grouped_product(x_q, x_scale, w_q, w_scale, group_sizes, out_dtype, interpret, impl, product, chunk=None):
     """The block-scaled grouped product: the Pallas kernel, or (impl "xla") ``product`` of the
     dequantized operands in f32, the same sums up to f32 rounding at O(m) cost with a grouped
-    ``product`` (the reference loops over every group)."""
+    ``product`` (the reference loops over every group). ``chunk``: rows of the weight along the
+    contraction dequantized at a time there (a multiple of 128; None: all at once, fine for a
+    weight quantized from its f32 master; a stored FP8 weight uses 128, one [G, 128, n] f32 slab at
+    a time instead of an f32 copy of the whole weight)."""
     if impl == "pallas":
         return grouped_scaled_matmul(
             x_q, x_scale, w_q, w_scale, group_sizes, out_dtype=out_dtype, interpret=interpret, impl=impl
         )
-    w_f = _dequantize(w_q.reshape(-1, w_q.shape[-1]), w_scale.reshape(-1, w_scale.shape[-1]), BLOCK)
-    return product(_dequantize(x_q, x_scale, 1), w_f.reshape(w_q.shape), group_sizes).astype(out_dtype)
+    x_f = _dequantize(x_q, x_scale, 1)  # [m, k]
+    step = chunk or w_q.shape[1]
+
+    def part(b):  # the K rows [b * step, (b + 1) * step) of the product
+        w_b = jax.lax.dynamic_slice_in_dim(w_q, b * step, step, 1)  # [G, step, n]
+        s_b = jax.lax.dynamic_slice_in_dim(w_scale, b * (step // BLOCK), step // BLOCK, 1)  # [G, step/128, n/128]
+        w_f = _dequantize(w_b.reshape(-1, w_b.shape[-1]), s_b.reshape(-1, s_b.shape[-1]), BLOCK)
+        return product(jax.lax.dynamic_slice_in_dim(x_f, b * step, step, 1), w_f.reshape(w_b.shape), group_sizes)
+
+    n_parts = w_q.shape[1] // step
+    y = part(0) if n_parts == 1 else jax.lax.fori_loop(1, n_parts, lambda b, acc: acc + part(b), part(0))
+    return y.astype(out_dtype)
+
+
+def _owned(x, group_sizes):
+    """x [m, ...] with its rows past sum(group_sizes) (no group's) zeroed."""
+    return jnp.where((jnp.arange(x.shape[0]) < jnp.sum(group_sizes))[:, None], x, 0)
+
+
+def _grouped_dgrad(g, w_q, w_scale, group_sizes, x_dtype, kw, product, chunk=None):
+    """dx = g @ w^T per expert: g [m, n] per 1x128 tile times each expert's blocks transposed -> [m, k]."""
+    g_q, g_scale = quantize_activations(g, **kw)  # [m, n], [m, n/128]
+    wt_q, wt_scale = w_q.swapaxes(1, 2), w_scale.swapaxes(1, 2)  # [G, n, k], [G, n/128, k/128]
+    return _grouped_product(
+        g_q, g_scale, wt_q, wt_scale, group_sizes, x_dtype, kw["interpret"], kw["impl"], product, chunk
+    )
 
 
 def _grouped_fp8_matmul_fwd(x, w, group_sizes, fmt, pow2_scale, out_dtype, interpret, impl, product):
     impl, interpret = resolve_impl(impl, interpret)
     kw = dict(fmt=fmt, pow2_scale=pow2_scale, interpret=interpret, impl=impl)
-    owned = (jnp.arange(x.shape[0]) < jnp.sum(group_sizes))[:, None]  # [m, 1]; later rows: no group
-    x = jnp.where(owned, x, 0)
+    x = _owned(x, group_sizes)  # later rows: no group
     x_q, x_scale = quantize_activations(x, **kw)  # [m, k], [m, k/128]
     w_q, w_scale = quantize_weights(w, **kw)  # [G, k, n], [G, k/128, n/128]
     y = _grouped_product(x_q, x_scale, w_q, w_scale, group_sizes, out_dtype, interpret, impl, product)
@@ -195,11 +221,8 @@ def _grouped_fp8_matmul_bwd(fmt, pow2_scale, out_dtype, interpret, impl, product
     xt_q, xt_scale, w_q, w_scale, group_sizes, (x_dt, w_dt) = res
     impl, interpret = resolve_impl(impl, interpret)
     kw = dict(fmt=fmt, pow2_scale=pow2_scale, interpret=interpret, impl=impl)
-    owned = (jnp.arange(g.shape[0]) < jnp.sum(group_sizes))[:, None]  # [m, 1]
-    g = jnp.where(owned, g, 0)  # the output there is the constant 0: its cotangent is irrelevant
-    g_q, g_scale = quantize_activations(g, **kw)  # [m, n], [m, n/128]
-    wt_q, wt_scale = w_q.swapaxes(1, 2), w_scale.swapaxes(1, 2)  # [G, n, k], [G, n/128, k/128]
-    dx = _grouped_product(g_q, g_scale, wt_q, wt_scale, group_sizes, x_dt.dtype, interpret, impl, product)
+    g = _owned(g, group_sizes)  # the output there is the constant 0: its cotangent is irrelevant
+    dx = _grouped_dgrad(g, w_q, w_scale, group_sizes, x_dt.dtype, kw, product)
     gt_q, gt_scale = quantize_activations(g.T, **kw)  # [n, m], [n, m/128]
     xt = _dequantize(xt_q, xt_scale, 1).T  # [m, k]: x with its 128x1 tiles applied
     gt = _dequantize(gt_q, gt_scale, 1).T  # [m, n]
@@ -228,6 +251,78 @@ def grouped_fp8_matmul(
     y = _grouped_fp8_matmul(
         x_p,
         w_p,
+        group_sizes.astype(jnp.int32),
+        fmt,
+        pow2_scale,
+        jnp.dtype(out_dtype or x.dtype),
+        interpret,
+        impl,
+        product or ragged_product,
+    )
+    return y[:m, :n]
+
+
+# ---- a weight already quantized (e.g. DeepSeek's FP8 checkpoint kept as stored): inference ----
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
+def _grouped_prequantized(x, w_q, w_scale, group_sizes, fmt, pow2_scale, out_dtype, interpret, impl, product):
+    return _grouped_prequantized_fwd(
+        x, w_q, w_scale, group_sizes, fmt, pow2_scale, out_dtype, interpret, impl, product
+    )[0]
+
+
+def _grouped_prequantized_fwd(x, w_q, w_scale, group_sizes, fmt, pow2_scale, out_dtype, interpret, impl, product):
+    impl, interpret = resolve_impl(impl, interpret)
+    kw = dict(fmt=fmt, pow2_scale=pow2_scale, interpret=interpret, impl=impl)
+    x_q, x_scale = quantize_activations(_owned(x, group_sizes), **kw)  # [m, k], [m, k/128]
+    y = _grouped_product(x_q, x_scale, w_q, w_scale, group_sizes, out_dtype, interpret, impl, product, BLOCK)
+    return y, (w_q, w_scale, group_sizes, jnp.zeros((), x.dtype))
+
+
+def _grouped_prequantized_bwd(fmt, pow2_scale, out_dtype, interpret, impl, product, res, g):
+    """The recipe's dgrad (as ``_grouped_fp8_matmul_bwd``); the stored weight gets no gradient."""
+    w_q, w_scale, group_sizes, x_dt = res
+    impl, interpret = resolve_impl(impl, interpret)
+    kw = dict(fmt=fmt, pow2_scale=pow2_scale, interpret=interpret, impl=impl)
+    dx = _grouped_dgrad(_owned(g, group_sizes), w_q, w_scale, group_sizes, x_dt.dtype, kw, product, BLOCK)
+    return dx, None, None, None
+
+
+_grouped_prequantized.defvjp(_grouped_prequantized_fwd, _grouped_prequantized_bwd)
+
+
+def grouped_prequantized_matmul(
+    x,
+    w_q,
+    w_scale,
+    group_sizes,
+    *,
+    fmt="fp8",
+    pow2_scale=False,
+    out_dtype=None,
+    interpret=None,
+    impl="auto",
+    product=None,
+):
+    """``grouped_fp8_matmul``'s forward with the weight already quantized: w_q [G, k, n] (e4m3 or
+    int8) and w_scale [G, ceil(k/128), ceil(n/128)] f32 per 128x128 block (w = w_q * w_scale, e.g.
+    DeepSeek's ``weight_scale_inv`` per expert). x is quantized per 1x128 tile (``fmt``) and
+    multiplied with the stored blocks, never with an f32 copy of the whole weight (the "xla" impl
+    dequantizes 128 rows of it at a time; XLA:CPU, which has no float8, still converts a float8
+    operand it slices to f16 first: docs/benchmarks.md). Gradients: dx by the recipe's dgrad; none
+    for the weight (inference). Any m, k, n (partial blocks zero-padded: a zero changes no product)."""
+    (g, k, n), m = w_q.shape, x.shape[0]
+    want = (g, -(-k // BLOCK), -(-n // BLOCK))
+    if tuple(w_scale.shape) != want or x.shape[1] != k:
+        raise ValueError(
+            f"grouped_prequantized_matmul: x {tuple(x.shape)}, w_q {tuple(w_q.shape)} need x [m, {k}] and "
+            f"w_scale {want} (one per 128x128 block), got w_scale {tuple(w_scale.shape)}"
+        )
+    y = _grouped_prequantized(
+        _pad(x, BLOCK, BLOCK),
+        _pad(w_q, None, BLOCK, BLOCK),
+        w_scale.astype(jnp.float32),
         group_sizes.astype(jnp.int32),
         fmt,
         pow2_scale,

@@ -3,10 +3,12 @@
 path. The test writes its own tiny FP8 checkpoint (no torch needed)."""
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -14,11 +16,15 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
+from kernels_pallas.fp8 import grouped_prequantized_matmul
 from model import fp8_weights, hf
 from model.config import ModelConfig
-from model.generation import generate_details
+from model.generation import generate_details, prepare_for
+from model.grouped_matmul import gmm
 from model.linear import QuantizedWeight, dequantize, linear
+from model.moe_ep import ExpertParallel
 from model.transformer import Transformer
+from tests.tolerances import assert_close
 
 # Every linear dim a multiple of 128 except wkv_a's output (c + r = 192: 1.5 blocks, as V3's 576 is
 # 4.5); the block grids are not square (wq_b: K 128 x N 256) so a transposed scale cannot pass.
@@ -112,9 +118,31 @@ def _kept(model) -> dict:
     return {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, fp8_weights.FP8Param))}
 
 
+ROUTED = ("w_gate", "w_up", "w_down")  # the MoE layers' stacked experts [E, K, N] (not the shared ones)
+
+
+def _routed(p: tuple) -> bool:
+    return p[-1] in ROUTED and p[-2] == "mlp" and p[0] != "dense_blocks"
+
+
+def _dequantized(p: tuple, w: QuantizedWeight) -> jax.Array:
+    """The kept weight at path ``p`` as f32: routed experts one expert at a time (their scale is
+    [E, K/128, N/128]), the rest in their [K, N] flattening."""
+    if _routed(p):
+        return jax.vmap(lambda q, s: dequantize(QuantizedWeight(q, s), 1))(w.q, w.scale)
+    return dequantize(w, 2 if p[-1] in ("wq_b", "wkv_b") else 1)
+
+
+def _linear_weights(model) -> set:
+    """Paths of every linear weight (all parameters but the embedding, head, router and norms)."""
+    params = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    return {p for p, _ in params if p[-1] not in ("embed", "head", "scale") and "router" not in p}
+
+
 def test_kept_weights_are_the_checkpoints_e4m3_and_scales(models):
-    """What is kept: every attention / dense FFN / shared-expert / MTP linear, q in e4m3 whose
-    dequantisation is bitwise the imported weight; the routed experts and the bf16 tensors are not."""
+    """What is kept: every linear weight of the model (attention, dense FFN, shared and routed
+    experts, MTP), q in e4m3 whose dequantisation is bitwise the imported weight; the routed experts
+    stacked per layer (q [E, d, f], one scale per expert and block); the bf16 tensors are not."""
     kept, deq = models
     assert kept.cfg.gemm_recipe == "fp8" and deq.cfg.gemm_recipe == "bf16"
     weights = _kept(kept)
@@ -122,40 +150,55 @@ def test_kept_weights_are_the_checkpoints_e4m3_and_scales(models):
     assert names == {("attn", w) for w in ("wq_a", "wq_b", "wkv_a", "wkv_b", "wo")} | {
         ("shared", w) for w in ("w_gate", "w_up", "w_down")
     } | {("w_gate",), ("w_up",), ("w_down",), ("eh_proj",)}
+    assert set(weights) == _linear_weights(deq)
     ref = dict(nnx.to_flat_state(nnx.state(deq)))
-    n_out = dict(wq_b=2, wkv_b=2)
     for p, w in weights.items():
         assert w.q.dtype == jnp.float8_e4m3fn and w.scale.dtype == jnp.float32, p
         want = ref[p].get_value()
         assert w.q.shape == want.shape, p
-        np.testing.assert_array_equal(np.asarray(dequantize(w, n_out.get(p[-1], 1))), np.asarray(want), err_msg=str(p))
-    experts = dict(nnx.to_flat_state(nnx.state(kept)))[("moe_blocks", 0, "mlp", "w_gate")]
-    assert not isinstance(experts, fp8_weights.FP8Param) and experts.get_value().dtype == jnp.float32
+        np.testing.assert_array_equal(np.asarray(_dequantized(p, w)), np.asarray(want), err_msg=str(p))
+    e, d, f = CFG.n_routed_experts, CFG.d_model, CFG.moe_ffn_dim
+    routed = {p: w for p, w in weights.items() if _routed(p)}
+    assert len(routed) == 6  # the MoE block's and the MTP block's w_gate, w_up, w_down
+    for p, w in routed.items():  # one scale per expert: a [K/128, N/128] slice per expert, not one for all
+        assert w.q.shape == ((e, f, d) if p[-1] == "w_down" else (e, d, f)) and w.scale.shape == (e, 1, 1), p
+        assert len(set(np.asarray(w.scale).ravel().tolist())) == e, p
 
 
 def test_kept_weights_take_half_the_bytes_of_bf16(models):
-    """q: one byte per weight (exactly half of bf16); scales: 4 bytes per (possibly partial) block."""
+    """Counted (``fp8_weights.nbytes``): every linear weight of the model, i.e. all parameters but the
+    embedding, head, router and norms (those stay f32 here, bf16 in DeepSeek's release): q one byte
+    per weight (exactly half of bf16), scales 4 bytes per (possibly partial) 128x128 block. The
+    routed experts are 3/4 of these weights' entries in this model."""
     counts = fp8_weights.nbytes(models[0])
     weights = _kept(models[0])
     n = sum(w.q.size for w in weights.values())
     blocks = sum(w.scale.size for w in weights.values())
+    whole = dict(nnx.to_flat_state(nnx.state(models[1])))
+    assert n == sum(whole[p].get_value().size for p in _linear_weights(models[1]))
+    assert sum(w.q.size for p, w in weights.items() if _routed(p)) == 6 * 4 * 128 * 128
     assert counts == dict(fp8=n + 4 * blocks, bf16=2 * n)
     assert counts["fp8"] / counts["bf16"] < 0.5 * (1 + 2 / 4096)  # wkv_a's partial blocks: < 2 scales / 16384
 
 
-def test_logits_equal_the_dequantised_import_under_the_same_fp8_matmul(models):
+def test_logits_equal_the_dequantised_import_under_the_same_fp8_matmul(models, fp8_dir):
     """Same recipe, same numbers: the kept e4m3 blocks against the dequantised weights that the recipe
     re-quantises (the checkpoint's scales round-trip, ``_scale``), activations quantised per 1x128 in
     both: the same operands through the same ops, so the logits are bitwise equal (a difference in
     summation order alone would be f32 rounding, but it can flip an activation's e4m3 rounding in
     the next layer, so no small tolerance would be derived from the format). Against the f32 path
     (dequantised weights, unquantised activations) they differ by the activations' e4m3 rounding,
-    bounded per GEMM in ``test_each_kept_gemm_is_within_e4m3_rounding_of_the_f32_product``."""
+    bounded per GEMM in ``test_each_kept_gemm_is_within_e4m3_rounding_of_the_f32_product``.
+    Stacked layers (``scan_layers``: q [L, E, d, f], scale [L, E, 1, 1]) give the same logits."""
     kept, deq = models
     ids = jnp.asarray(np.random.RandomState(0).randint(0, CFG.vocab_size, (2, 24)), jnp.int32)
     got = np.asarray(_logits(kept, ids))
     want = np.asarray(_logits(_with_recipe(deq, "fp8"), ids))
     np.testing.assert_array_equal(got, want)
+    stacked = hf.from_pretrained(fp8_dir, dtype="float32", keep_fp8=True, scan_layers=True)
+    w = _kept(stacked)[("moe_blocks", "mlp", "w_gate")]
+    assert w.q.shape == (1, 4, 128, 128) and w.scale.shape == (1, 4, 1, 1)
+    np.testing.assert_array_equal(np.asarray(_logits(stacked, ids)), got)
 
 
 def test_generation_runs_the_kept_weights(models):
@@ -176,6 +219,44 @@ def test_generation_runs_the_kept_weights(models):
     assert np.all(top2[..., 1] - top2[..., 0] > 1e-3)  # no near tie decides the comparison
     absorbed = generate_details(kept, prompts, max_new_tokens=3).tokens
     assert absorbed == generate_details(_with_recipe(deq, "fp8"), prompts, max_new_tokens=3).tokens
+    # A batch-1 server's weights (``prepare_for``): the kept experts stay stacked for the layer's
+    # grouped FP8 matmul (decode steps under a quantized recipe run it), not split per expert.
+    assert [lw.experts for lw in prepare_for(kept, 1).weights] == [None] * CFG.n_layers
+
+
+def test_grouped_matmul_takes_the_kept_experts(models):
+    """``model.grouped_matmul.gmm`` with a kept expert stack (an empty expert, rows of none): under
+    "fp8" every XLA engine ("scan", the CPU default; "ragged_dot") gives the grouped product of the
+    stored blocks (``grouped_prequantized_matmul``), forward and dgrad, and the same as the training
+    recipe on the dequantised weights (whose re-quantisation gives back the stored blocks, ``_scale``);
+    under "bf16" the dequantised weight's plain product. Expert parallelism refuses kept experts."""
+    kept, deq = models
+    path = ("moe_blocks", 0, "mlp", "w_gate")
+    w, w_deq = _kept(kept)[path], dict(nnx.to_flat_state(nnx.state(deq)))[path].get_value()
+    sizes = jnp.asarray([5, 0, 9, 3], jnp.int32)  # 17 of 20 rows owned
+    x = jax.random.normal(jax.random.key(0), (20, CFG.d_model), jnp.float32)
+    g = jax.random.normal(jax.random.key(1), (20, CFG.moe_ffn_dim), jnp.float32)
+
+    @functools.partial(jax.jit, static_argnames="impl")
+    def y_dx(w, impl):  # the product and its dgrad (vjp in x)
+        if impl == "reference":
+            fn = lambda a: grouped_prequantized_matmul(a, w.q, w.scale, sizes, impl="xla")  # noqa: E731
+        else:
+            fn = lambda a: gmm(a, w, sizes, impl=impl, tile=8, recipe="fp8")  # noqa: E731
+        y, vjp = jax.vjp(fn, x)
+        return y, *vjp(g)
+
+    want = y_dx(w, "reference")
+    for impl in ("scan", "ragged_dot"):
+        for a, b in zip(y_dx(w, impl), want):
+            assert_close(a, b, composite=True, err_msg=impl)
+    assert not np.asarray(want[0])[17:].any() and np.asarray(want[0])[:17].all()
+    mm = jax.jit(functools.partial(gmm, x, group_sizes=sizes, impl="scan", tile=8), static_argnames="recipe")
+    assert_close(mm(w_deq, recipe="fp8"), want[0], composite=True)
+    np.testing.assert_array_equal(mm(w, recipe="bf16"), mm(w_deq, recipe="bf16"))
+    ep = ExpertParallel(jax.sharding.Mesh(np.array(jax.devices()[:1]), ("expert",)), (), ("expert",), ())
+    with pytest.raises(ValueError, match="expert parallelism .* kept-FP8 experts"):
+        kept.moe_blocks[0].mlp(x[None], jnp.ones((1, 20), jnp.int32), ep=ep)
 
 
 def test_each_kept_gemm_is_within_e4m3_rounding_of_the_f32_product(models):
