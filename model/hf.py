@@ -426,6 +426,11 @@ def save_pretrained(
     """
     from safetensors.numpy import save_file
 
+    if kept := [".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model, fp8_weights.FP8Param))]:
+        raise ValueError(
+            f"save_pretrained: {len(kept)} weights are kept in FP8 (from_pretrained keep_fp8=True; first: "
+            f"{kept[0]}), which this writer does not export: load the checkpoint without keep_fp8 to convert it"
+        )
     os.makedirs(out_dir, exist_ok=True)
     conf = config_to_hf(model.cfg)
     conf.update(extra_config or {})

@@ -302,3 +302,11 @@ def test_keep_fp8_refuses_a_checkpoint_it_cannot_keep(fp8_dir, tmp_path):
     json.dump(conf, open(os.path.join(path, "config.json"), "w"))
     with pytest.raises(ValueError, match=r"keep_fp8=True .* 'weight_block_size': \[64, 64\]"):
         hf.from_pretrained(path, keep_fp8=True)
+
+
+def test_save_pretrained_refuses_kept_fp8_weights_and_writes_nothing(models, tmp_path):
+    """Exporting a kept-FP8 model: one error naming the kept weights, before anything is written."""
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"save_pretrained: \d+ weights are kept in FP8 .*first: "):
+        hf.save_pretrained(models[0], str(out))
+    assert not out.exists()
