@@ -9,8 +9,10 @@ with the op's shape and the source operation it came from (its HLO ``op_name``),
 group of ops (the einsum or jax function named in ``op_name``). Ops inside a ``lax.cond`` branch
 count only in the steps where the branch ran; ops that ran once (outside the loop: the decode-layout
 weights, made once per call) are summed in ``before_loop_ms``. Op times from the
-two XLA threads overlap, so their sum can exceed the step's wall time. Results: docs/benchmarks.md,
-"Generation".
+two XLA threads overlap, so their sum can exceed the step's wall time. A ``breakdown`` line gives
+the fastest decode step by category (``step_breakdown``: weight dots, YNNPACK fusions, the experts'
+conditionals, copies, other kernels, and the gaps between ops), the step least disturbed on a shared
+machine. Results: docs/benchmarks.md, "Generation".
 """
 
 from __future__ import annotations
