@@ -9,8 +9,10 @@ with the op's shape and the source operation it came from (its HLO ``op_name``),
 group of ops (the einsum or jax function named in ``op_name``). Ops inside a ``lax.cond`` branch
 count only in the steps where the branch ran; ops that ran once (outside the loop: the decode-layout
 weights, made once per call) are summed in ``before_loop_ms``. Op times from the
-two XLA threads overlap, so their sum can exceed the step's wall time. Results: docs/benchmarks.md,
-"Generation".
+two XLA threads overlap, so their sum can exceed the step's wall time. A ``breakdown`` line gives
+the fastest decode step by category (``step_breakdown``: weight dots, YNNPACK fusions, the experts'
+conditionals, copies, other kernels, and the gaps between ops), the step least disturbed on a shared
+machine. Results: docs/benchmarks.md, "Generation".
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import argparse
 import collections
 import gzip
 import json
+import os
 import re
 import tempfile
 from pathlib import Path
@@ -49,6 +52,50 @@ def group_of(op_name: str) -> str:
     parts = [p for p in op_name.split("/") if p and not p.startswith(("jit(advance)", "while", "body", "cond"))]
     parts = [p for p in parts if not p.startswith("branch_")]
     return parts[0] if parts else "other"
+
+
+def kind_of(op: str) -> str:
+    """The breakdown's category of an executed op, by its HLO name: ``dot`` (XLA:CPU's dot kernels:
+    the weight matvecs, and W_UK / W_UV), ``ynn_fusion`` (YNNPACK-fused kernels: the attention's
+    products with the cache, a reduction), ``conditional`` (the routed experts' ``lax.switch``: their
+    own time, the branches' dots excluded), ``copy``, ``other`` (every other fusion or kernel)."""
+    for prefix, kind in (("dot", "dot"), ("ynn_fusion", "ynn_fusion"), ("cond", "conditional"), ("copy.", "copy")):
+        if op.startswith(prefix):
+            return kind
+    return "other"
+
+
+def step_breakdown(events: list, marker: str, kinds: dict) -> dict:
+    """The fastest decode step of a trace, as microseconds by category (``kind_of``) and the gaps
+    between ops (executor overhead: the step's span minus the time any op ran). Steps are cut at
+    ``marker``, an op that runs once per step; the fastest step is the one least disturbed by other
+    jobs on a shared machine, so its shares are load-robust where the means are not. An op nested
+    in another (a conditional's branch) counts in its own category and is taken out of its parent's."""
+    ev = sorted((e for e in events if e["args"]["hlo_op"] in kinds), key=lambda e: e["ts"])
+    cuts = [i for i, e in enumerate(ev) if e["args"]["hlo_op"] == marker]
+    span, a, b = min((ev[j]["ts"] - ev[i]["ts"], i, j) for i, j in zip(cuts, cuts[1:]))
+    step = ev[a:b]
+    out = collections.Counter()
+    for i, e in enumerate(step):
+        out[kinds[e["args"]["hlo_op"]]] += e["dur"]
+        end = e["ts"] + e["dur"]
+        for f in step[i + 1 :]:
+            if f["ts"] >= end:
+                break
+            if f["tid"] == e["tid"]:  # nested in e: counted in its own category, not in e's
+                out[kinds[e["args"]["hlo_op"]]] -= f["dur"]
+    busy, cur = 0.0, None  # the union of the op intervals
+    for s0, s1 in sorted((e["ts"], e["ts"] + e["dur"]) for e in step):
+        if cur is None or s0 > cur[1]:
+            busy += 0 if cur is None else cur[1] - cur[0]
+            cur = [s0, s1]
+        else:
+            cur[1] = max(cur[1], s1)
+    busy += cur[1] - cur[0]
+    row = {"fastest_step_us": round(span, 1), "ops_run": len(step), "threads": len({e["tid"] for e in step})}
+    row.update({f"{k}_us": round(v, 1) for k, v in sorted(out.items())})
+    row["gaps_us"] = round(span - busy, 1)
+    return row
 
 
 def profile(model: Transformer, batch: int, new: int, top: int) -> None:
@@ -88,6 +135,12 @@ def profile(model: Transformer, batch: int, new: int, top: int) -> None:
     head["ops_ms_per_step"] = round(sum(total.values()) / 1e3 / steps, 3)  # threads overlap: may exceed the wall time
     head["before_loop_ms"] = round(before_loop / 1e3, 3)
     print(json.dumps({**head, **env()}), flush=True)
+    # the fastest step by category, cut at the op with the most time among those run once per step
+    kinds = {n: kind_of(n) for n in count}
+    marker = max((n for n in total if count[n] == steps), key=lambda n: total[n])
+    loop_events = [e for e in events if e.get("ph") == "X" and e.get("args", {}).get("hlo_module") == "jit_advance"]
+    row = {"mode": "breakdown", "batch": batch, **step_breakdown(loop_events, marker, kinds)}
+    print(json.dumps({**row, "load_avg": round(os.getloadavg()[0], 2)}), flush=True)
     groups = collections.Counter()
     for name, us in total.items():
         groups[group_of(ops[name][1])] += us

@@ -149,3 +149,17 @@ def test_scanned_layers_decode_equally():
     m = Transformer(cfg, rngs=nnx.Rngs(2))
     ids = np.random.RandomState(1).randint(0, cfg.vocab_size, (1, 6)).astype(np.int32)
     assert_close(_teacher_forced(m, ids, "absorbed"), _forward(m, ids, pad_to=6))
+
+
+@pytest.mark.parametrize("trailing", [(5,), (3, 4)])  # the absorbed cache [b, S, c]; the naive one [b, S, h, k]
+def test_one_token_write_equals_scatter(trailing):
+    """A decode step's cache write (``decode._write`` with t = 1: a select over the slots) against the
+    scatter it replaces: bitwise the same cache, rows at different slots (first, middle, last).
+    Catches a select on the wrong axis, a slot off by one, a row written at another row's slot."""
+    b, s = 3, 7
+    cache = jax.random.normal(jax.random.key(0), (b, s) + trailing)
+    new = jax.random.normal(jax.random.key(1), (b, 1) + trailing)
+    positions = jnp.array([[0], [3], [s - 1]], jnp.int32)
+    got = decode._write(cache, new, positions)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(decode._scatter(cache, new, positions)))
+    assert not np.array_equal(np.asarray(got), np.asarray(cache))  # it did write
