@@ -241,7 +241,12 @@ def main(argv=None):
     p.add_argument("--eval_batches", type=int, default=8)
     p.add_argument("--override", action="append", default=[], help="config field, e.g. model.n_layers=2 (repeat)")
     a = p.parse_args(argv)
-    seeds = [int(s) for s in a.seeds.split(",")]
+    try:
+        seeds = [int(s) for s in a.seeds.split(",")]
+    except ValueError:
+        p.error(f"--seeds must be comma-separated integers, e.g. 0,1,2; got {a.seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        p.error(f"--seeds lists a seed twice: {a.seeds!r}")
     workdir = epath.Path(a.workdir)
     kw = dict(steps=a.steps, batch=a.batch, seq_len=a.seq_len, eval_every=a.eval_every, eval_batches=a.eval_batches)
     walls = {}

@@ -15,12 +15,16 @@ def test_pinned_routing_sends_each_token_to_the_given_experts():
     moe = MoE(cfg, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(0), (2, 8, cfg.d_model))  # [b, t, d]
     seg = np.ones((2, 8), np.int32)
-    own_ids = []
-    with tool._route_with(None, own_ids):
-        own, _ = moe(x, seg)
-    other = (own_ids[0] + 1) % cfg.n_routed_experts  # [m, k]: every choice moved to the next expert
-    seen = []
-    with tool._route_with([other], seen):
-        moved, _ = moe(x, seg)
-    assert np.array_equal(seen[0], other)
+
+    @jax.jit
+    def forward(pinned):
+        seen = []
+        with tool._route_with(None if pinned is None else [pinned], seen):
+            y, _ = moe(x, seg)
+        return y, seen[0]  # [b, t, d], [m, k]
+
+    own, ids = forward(None)
+    other = (ids + 1) % cfg.n_routed_experts  # every choice moved to the next expert
+    moved, ids_moved = forward(other)
+    assert np.array_equal(ids_moved, other)
     assert not np.allclose(own, moved)  # the outputs came from the other experts
