@@ -65,14 +65,17 @@ def test_reward_crash_keeps_checkpoints_resume_matches_uninterrupted_and_reward_
     assert {"reward/correct_mean", "zero_variance_groups", "entropy", "completion_length_max"} <= set(a[1])
 
     # GRPO learns: from a random init, a reward for the byte "7" (1/264 of the vocabulary) rises.
-    # Same compiled steps as above (only the reward differs), so this costs 30 cheap steps.
+    # Same compiled steps as above (only the reward differs), so this costs 45 cheap steps. When the
+    # reward takes off depends on the initialisation: train.seed 0-6 (the state built by one jitted
+    # program) all pass these bounds at 45 steps (last-5 mean 0.42-0.89); at 30 steps seed 0 (this
+    # test's) had not started yet (0.033) while seeds 1-5 had (0.25-0.75).
     @rewards.register("sevens")
     def sevens(completion, example):
         return completion.count("7") / 6
 
     try:
         c = tiny_rl(**{**knobs, "rewards": "sevens=1"})
-        c.train.steps = 30
+        c.train.steps = 45
         trainer.grpo_train(c, str(tmp_path / "c"))
     finally:
         del rewards.REWARDS["sevens"]
