@@ -14,7 +14,8 @@ new tokens / wall time of the whole call (prefill included, as transformers' gen
 adds transformers' ``DeepseekV3ForCausalLM.generate`` (weights exported with ``model/hf.py``,
 on cuda when there is one) and the fraction of its greedy tokens equal to ours.
 ``table --bandwidth``: batch 1's step against the bytes it reads: copy bandwidth, and the step's
-weight matrices alone as back-to-back dots (``matvec_seconds``), with the prefill's time.
+weight matrices alone as back-to-back dots (``matvec_seconds``), independent and chained (each
+dot's input the previous one's output, as in the step), with the prefill's time.
 ``sweep``: decode tokens/s and ms per step (prefill excluded), plain and speculative, with the
 bound: bytes read per step (weights touched + cache) / measured copy bandwidth; then DeepSeek-V3's
 cache bytes per token for the absorbed (c_KV + k_rope) and the naive (per-head K, V) cache.
@@ -107,11 +108,17 @@ def step_bytes(model: Transformer, batch: int, context: int, speculative: bool) 
     return total + batch * context * decode.cache_bytes_per_token(cfg, "absorbed") * layers // cfg.n_layers
 
 
-def matvec_seconds(model: Transformer, reps: int = 20) -> float:
+def matvec_seconds(model: Transformer, reps: int = 20, chained: bool = False) -> float:
     """Seconds per pass of a batch-1 step's weight reads alone: one [1, in] x [in, out] f32 dot per
     matrix the plain step reads (k of the E routed experts per MoE layer, the head; no embedding
     table, no MTP), back to back in a compiled loop, best of 5. The floor a step can reach with
-    this backend's dots, before any other op; the routed experts are separate arrays here."""
+    this backend's dots, before any other op; the routed experts are separate arrays here.
+
+    ``chained=False``: the dots are independent (each reads the pass's input), so the runtime may
+    run several at once. ``chained=True``: each dot's input depends on the previous dot's output,
+    as in a decode step, where every layer reads the one before it: one dot at a time, each with
+    the threads the backend gives a lone product of its size (XLA:CPU: one core below ~2 MB,
+    docs/benchmarks.md, "Generation")."""
     k = model.cfg.n_experts_per_tok
     moe_layers = {path for path, node in nnx.iter_graph(model) if isinstance(node, MoE)}
     mats = []
@@ -127,6 +134,12 @@ def matvec_seconds(model: Transformer, reps: int = 20) -> float:
     @jax.jit
     def run(x, mats):
         def body(_, x):
+            if chained:  # the next dot's input is this one's output, added into the vector
+                for w in mats:
+                    y = jnp.dot(x[None, : w.shape[0]], w)[0]  # [out]
+                    n = min(y.shape[0], x.shape[0])
+                    x = x.at[:n].add(1e-12 * y[:n])
+                return x
             s = sum(jnp.sum(jnp.dot(x[None, : w.shape[0]], w)) for w in mats)
             return x * (1 + 1e-12 * s)  # the next pass depends on every dot
 
@@ -245,7 +258,7 @@ def table(args):
         r = [generation.generate_details(model, prompts, **kw) for _ in range(2)][-1]
         s = (r.seconds - r.ttft_s) / r.steps
         nbytes = step_bytes(model, 1, 64 + args.new // 2, False)
-        mv = matvec_seconds(model)
+        mv, chain = matvec_seconds(model), matvec_seconds(model, chained=True)
         row = {
             "mode": "bandwidth",
             "batch": 1,
@@ -259,12 +272,15 @@ def table(args):
             "fraction_of_copy": round(nbytes / s / bw, 4),
             "matvec_ms": round(1e3 * mv, 4),  # the step's weight reads alone, as dots (matvec_seconds)
             "matvec_GBps": round(nbytes / mv / 1e9, 2),
+            "matvec_chained_ms": round(1e3 * chain, 4),  # the same dots one after another (chained=True)
+            "matvec_chained_GBps": round(nbytes / chain / 1e9, 2),
             **env(),
         }
         hf = [x["median_tokens_per_s"] for x in rows if x["batch"] == 1 and x["method"].startswith("transformers")]
         if hf:  # the new loop's ratio if every op but the step's weight dots were free (the prefill as measured)
             floor_s = r.ttft_s + r.steps * mv
             row["max_ratio_vs_transformers"] = round(args.new / max(hf) / floor_s, 2)
+            row["max_ratio_chained"] = round(args.new / max(hf) / (r.ttft_s + r.steps * chain), 2)
         if args.peak_gbps:
             row["fraction_of_peak"] = round(nbytes / s / 1e9 / args.peak_gbps, 4)
         print(json.dumps(row), flush=True)

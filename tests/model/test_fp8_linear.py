@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from kernels_pallas.fp8 import fp8_matmul, grouped_fp8_matmul, quantize_weights
+from kernels_pallas.fp8.ops import quantize_activations
 from model.config import ModelConfig
 from model.grouped_matmul import gmm
 from model.linear import QuantizedWeight, linear
@@ -55,6 +56,12 @@ def test_linear_takes_an_already_quantized_weight():
     np.testing.assert_array_equal(y, linear("btd,dn->btn", x, w, dtype=jnp.float32, recipe="fp8"))
     w_deq = np.asarray(q[:40, :136], np.float32) * np.repeat(np.repeat(np.asarray(s), 128, 0), 128, 1)[:40, :136]
     assert_close(linear("btd,dn->btn", x, qw, dtype=jnp.float32), jnp.einsum("btd,dn->btn", x, w_deq))
+    # "int8" with the kept e4m3 weight: int8 activations (1x128 tiles) times the weight as stored
+    x_q, x_s = quantize_activations(jnp.pad(x.reshape(6, 40), ((0, 0), (0, 88))), fmt="int8")  # [6, 128], [6, 1]
+    assert x_q.dtype == jnp.int8
+    x_deq = (np.asarray(x_q, np.float32) * np.asarray(x_s))[:, :40].reshape(2, 3, 40)
+    y8 = linear("btd,dn->btn", x, qw, dtype=jnp.float32, recipe="int8")
+    assert_close(y8, jnp.einsum("btd,dn->btn", x_deq, w_deq))
 
 
 @pytest.mark.parametrize("recipe", ["fp8", "int8"])
