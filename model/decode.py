@@ -196,8 +196,10 @@ def cached_attention(attn, x: jax.Array, positions: jax.Array, cache: dict, lw: 
         )
     probs = jax.nn.softmax(jnp.where(mask, scores * cfg.softmax_scale, -1e30), axis=-1).astype(dt)
     if "c_kv" in cache:
-        o_lat = jnp.einsum("bhts,bsc->bthc", probs, cache["c_kv"])  # [b, t, h, c]
-        o = jnp.einsum("bthc,hcv->bthv", o_lat, w_uv)  # [b, t, h, v]
+        # h before t in o_lat: with "bthc" XLA:CPU computed this product as its transpose and
+        # copied the whole c_KV cache transposed in every decode step (docs/benchmarks.md, "Generation")
+        o_lat = jnp.einsum("bhts,bsc->bhtc", probs, cache["c_kv"])  # [b, h, t, c]
+        o = jnp.einsum("bhtc,hcv->bthv", o_lat, w_uv)  # [b, t, h, v]
     else:
         o = jnp.einsum("bhts,bshv->bthv", probs, cache["v"])  # [b, t, h, v]
     return linear("bthv,hvd->btd", o, mla.wo[...], dtype=dt, recipe=cfg.gemm_recipe), cache
