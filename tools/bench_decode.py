@@ -46,6 +46,7 @@ from model import sampling as sampling_lib
 from model.config import ModelConfig
 from model.moe import MoE
 from model.transformer import Transformer
+from tools.bench_matvec import pass_seconds
 
 
 def issue_shape(dtype: str = "float32") -> ModelConfig:
@@ -111,8 +112,9 @@ def step_bytes(model: Transformer, batch: int, context: int, speculative: bool) 
 def matvec_seconds(model: Transformer, reps: int = 20, chained: bool = False) -> float:
     """Seconds per pass of a batch-1 step's weight reads alone: one [1, in] x [in, out] f32 dot per
     matrix the plain step reads (k of the E routed experts per MoE layer, the head; no embedding
-    table, no MTP), back to back in a compiled loop, best of 5. The floor a step can reach with
-    this backend's dots, before any other op; the routed experts are separate arrays here.
+    table, no MTP), back to back in a compiled loop, best of 5 (``bench_matvec.pass_seconds``). The
+    floor a step can reach with this backend's dots, before any other op; the routed experts are
+    separate arrays here.
 
     ``chained=False``: the dots are independent (each reads the pass's input), so the runtime may
     run several at once. ``chained=True``: each dot's input depends on the previous dot's output,
@@ -131,28 +133,7 @@ def matvec_seconds(model: Transformer, reps: int = 20, chained: bool = False) ->
         else:  # contract the input axis: the first, or heads x v for the output projection
             mats.append(a.reshape(-1, a.shape[-1]) if path[-1] == "wo" else a.reshape(a.shape[0], -1))
 
-    @jax.jit
-    def run(x, mats):
-        def body(_, x):
-            if chained:  # the next dot's input is this one's output, added into the vector
-                for w in mats:
-                    y = jnp.dot(x[None, : w.shape[0]], w)[0]  # [out]
-                    n = min(y.shape[0], x.shape[0])
-                    x = x.at[:n].add(1e-12 * y[:n])
-                return x
-            s = sum(jnp.sum(jnp.dot(x[None, : w.shape[0]], w)) for w in mats)
-            return x * (1 + 1e-12 * s)  # the next pass depends on every dot
-
-        return jax.lax.fori_loop(0, reps, body, x)
-
-    x = jnp.ones((max(w.shape[0] for w in mats),), jnp.float32)
-    run(x, mats).block_until_ready()
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        run(x, mats).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return best / reps
+    return pass_seconds(mats, reps, chained)[0]
 
 
 def _prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list:
