@@ -6,8 +6,8 @@ For each [k, n] shape: ``count`` distinct f32 matrices (``--mib`` MiB in all, mo
 L3 of the 2-core VM, so every pass reads them from memory, as a decode step reads its weights),
 multiplied by a [1, k] vector one after another in a compiled loop, each product's input the
 vector the previous product's output was added into (a chain, as the layers of a decode step are;
-``pass_seconds``, which ``bench_decode --bandwidth`` times the step's own matrices with). Best of 5 calls of
-``--reps`` passes. Per shape, one JSON line: microseconds per product, GB/s of weights read, and
+``pass_seconds``, with which ``bench_decode --bandwidth`` times the step's own matrices). Best of
+5 calls of ``--reps`` passes. Per shape, one JSON line: microseconds per product, GB/s of weights read, and
 the process's CPU time / wall time over the timed calls (about 1: one core did the work; about 2:
 both). Then the same matrices as independent products (each reads the pass's input), which a
 runtime may run side by side. Results: docs/benchmarks.md, "Generation".
